@@ -1,0 +1,1 @@
+"""Benchmarks of zcached against kernel zram (run with `make bench`)."""
