@@ -1,0 +1,158 @@
+"""The compactor: a background thread that gives fragmented pool memory back to the OS.
+
+Owns: the policy of when to compact (fragmentation thresholds, on-demand requests), the pacing
+(a CPU budget), and the counters the metrics exporter reads (runs, time spent, objects moved).
+Must not: move objects itself (xcfmalloc.XcfMalloc.compact does, one class lock at a time, in
+batches), touch the page table, or hold any lock between its steps.
+
+Swap frees pages in random order, so vpages go sparse (kernel zsmalloc holds ~2x the compressed
+bytes after a random half of its pages is discarded, until it compacts).  Every ``interval``
+seconds the thread compares the pool with the bytes it holds:
+
+    wasted = pool_bytes - requested_bytes
+    compact when wasted >= min_wasted_bytes and pool_bytes >= min_ratio * requested_bytes
+
+or at once when :meth:`Compactor.trigger` is called (``zcached compact``, SIGUSR1).  A run calls
+``compact(max_moves=step_moves)`` until a step moves nothing; after each step of ``t`` seconds it
+sleeps ``t * (1 - cpu_budget) / cpu_budget``, so it uses at most ``cpu_budget`` of one core and
+the I/O threads get the class locks (and the GIL) between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from zcached.xcfmalloc import XcfMalloc
+
+log = logging.getLogger("zcached.compactor")
+
+
+@dataclass(frozen=True)
+class CompactionPolicy:
+    interval: float = 5.0  # seconds between fragmentation checks
+    min_ratio: float = 1.10  # compact when pool_bytes >= min_ratio * requested_bytes ...
+    min_wasted_bytes: int = 4 << 20  # ... and at least this much is wasted
+    cpu_budget: float = 0.25  # fraction of one core a run may use
+    step_moves: int = 256  # objects moved per step
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0:
+            raise ValueError("compaction interval must be > 0")
+        if self.min_ratio < 1.0:
+            raise ValueError("compaction min_ratio must be >= 1.0")
+        if self.min_wasted_bytes < 0:
+            raise ValueError("compaction min_wasted_bytes must be >= 0")
+        if not 0 < self.cpu_budget <= 1:
+            raise ValueError("compaction cpu_budget must be in (0, 1]")
+        if self.step_moves < 1:
+            raise ValueError("compaction step_moves must be >= 1")
+
+    def due(self, pool_bytes: int, requested_bytes: int) -> bool:
+        wasted = pool_bytes - requested_bytes
+        return wasted >= self.min_wasted_bytes and pool_bytes >= self.min_ratio * requested_bytes
+
+
+class Compactor:
+    """Runs compaction of one XcfMalloc in a daemon thread; start(), trigger(), stop()."""
+
+    def __init__(
+        self,
+        pool: XcfMalloc,
+        policy: CompactionPolicy | None = None,
+        *,
+        thread_init: Callable[[], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.policy = policy or CompactionPolicy()
+        self._thread_init = thread_init
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._requested = False
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+        # counters, read by the metrics exporter at scrape time
+        self.runs = 0
+        self.seconds = 0.0
+        self.objects_moved = 0
+        self.last_run_pages_freed = 0
+
+    @property
+    def pages_compacted(self) -> int:
+        return self.pool.stats().pages_compacted
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name="zcached-compactor", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def trigger(self) -> None:
+        """Ask for a run now, whatever the thresholds say (safe from a signal handler)."""
+        self._requested = True
+        self._idle.clear()
+        self._wake.set()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no run is pending or under way (for tests and benchmarks)."""
+        return self._idle.wait(timeout)
+
+    def run_once(self) -> int:
+        """One paced compaction run in the calling thread; returns objects moved."""
+        policy = self.policy
+        started = time.monotonic()
+        pages_before = self.pool.pool_bytes
+        moved = 0
+        while not self._stop.is_set():
+            t0 = time.thread_time()
+            step = self.pool.compact(max_moves=policy.step_moves)
+            moved += step
+            if step < policy.step_moves:
+                break
+            spent = time.thread_time() - t0
+            if policy.cpu_budget < 1 and self._stop.wait(
+                spent * (1 - policy.cpu_budget) / policy.cpu_budget
+            ):
+                break
+        elapsed = time.monotonic() - started
+        self.runs += 1
+        self.seconds += elapsed
+        self.objects_moved += moved
+        self.last_run_pages_freed = max(0, (pages_before - self.pool.pool_bytes) // 4096)
+        log.info(
+            "compaction: moved %d objects, pool %d -> %d bytes in %.2fs",
+            moved,
+            pages_before,
+            self.pool.pool_bytes,
+            elapsed,
+        )
+        return moved
+
+    def _loop(self) -> None:
+        if self._thread_init is not None:
+            self._thread_init()
+        while not self._stop.is_set():
+            self._wake.wait(self.policy.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            requested, self._requested = self._requested, False
+            if requested or self.policy.due(self.pool.pool_bytes, self.pool.requested_bytes):
+                try:
+                    self.run_once()
+                except Exception:  # a bug here must not take the I/O path down with it
+                    log.exception("compaction run failed")
+            if not self._requested:
+                self._idle.set()
