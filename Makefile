@@ -7,6 +7,11 @@ STAMP    := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit bench deps venv install uninstall clean
 
+PREFIX   ?= /usr/local
+OPT      ?= /opt/zcached
+UNITDIR  ?= /etc/systemd/system
+ETCDIR   ?= /etc/zcached
+
 # Debian packages: pyfuse3 builds against libfuse3; fio drives the block tests.
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
@@ -42,6 +47,27 @@ bench: deps $(STAMP)
 
 run: deps $(STAMP)
 	$(VENV)/bin/zcached run
+
+# As root: the package in its own virtualenv, the unit, and the config (an existing one is kept).
+install: deps
+	$(PYTHON) -m venv $(OPT)
+	$(OPT)/bin/python -m pip install -q --upgrade pip
+	$(OPT)/bin/python -m pip install -q .
+	install -d $(PREFIX)/bin
+	ln -sf $(OPT)/bin/zcached $(PREFIX)/bin/zcached
+	install -D -m 0644 systemd/zcached.service $(UNITDIR)/zcached.service
+	@if [ -e $(ETCDIR)/zcached.toml ]; then echo "keeping $(ETCDIR)/zcached.toml"; \
+	  else install -D -m 0644 config/zcached.toml $(ETCDIR)/zcached.toml; fi
+	install -D -m 0644 README.md $(PREFIX)/share/doc/zcached/README.md
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed; start with: systemctl enable --now zcached"
+
+uninstall:
+	@if [ -d /run/systemd/system ]; then systemctl disable --now zcached 2>/dev/null || true; fi
+	rm -f $(UNITDIR)/zcached.service $(PREFIX)/bin/zcached
+	rm -rf $(OPT) $(PREFIX)/share/doc/zcached
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "left $(ETCDIR) in place (your configuration)"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
