@@ -249,8 +249,12 @@ class PoolMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pool = XcfMalloc(max_pool_bytes=64 * PAGE_SIZE)
+        self.pool = XcfMalloc(max_pool_bytes=64 * PAGE_SIZE, heaps=2)
         self.model: dict[int, bytes] = {}
+
+    @rule(hid=st.integers(0, 2))
+    def switch_heap(self, hid: int) -> None:
+        self.pool.bind_heap(hid)
 
     @rule(target=handles, size=st.integers(1, MAX_OBJECT), seed=st.integers(0, 2**16))
     def alloc(self, size: int, seed: int) -> int:
@@ -302,3 +306,39 @@ class PoolMachine(RuleBasedStateMachine):
 
 PoolMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
 TestPoolMachine = PoolMachine.TestCase
+
+
+# ---- Hoard-style worker heaps ---------------------------------------------------------------
+
+
+def test_bind_heap_range() -> None:
+    pool = XcfMalloc(heaps=2)
+    for bad in (-1, 3):
+        with pytest.raises(ValueError):
+            pool.bind_heap(bad)
+    with pytest.raises(ValueError):
+        XcfMalloc(heaps=-1)
+
+
+def test_worker_heap_hands_empty_vpages_to_the_global_heap() -> None:
+    pool = XcfMalloc(heaps=2)
+    rnd = random.Random(11)
+    pool.bind_heap(1)
+    handles = [pool.store(payload(i, rnd.choice((300, 700, 1500)))) for i in range(6000)]
+    for h in rnd.sample(handles, 5400):  # frees scattered over every vpage
+        pool.free(h)
+        handles.remove(h)
+    pool.check()
+    assert pool.stats().vpages_to_global > 0
+    for hid, size, objects, capacity in pool.heap_usage():
+        if hid == 1:  # Hoard: empty space bounded by max(f a, K S), give or take one vpage
+            opv = next(r[2] for r in class_table() if r[0] == size)
+            assert capacity - objects <= max(capacity / 4, 2 * opv) + opv, (size, objects)
+    # a second worker reuses what the first gave back before asking the OS for pages
+    pool.bind_heap(2)
+    before = pool.pool_bytes
+    more = [pool.store(payload(10**6 + i, 700)) for i in range(300)]
+    assert pool.pool_bytes - before < 300 * 700 // 2
+    pool.check()
+    for h in more + handles:
+        assert len(pool.read(h)) == pool.size(h)
