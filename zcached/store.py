@@ -1,0 +1,499 @@
+"""store: the page store, a page table from page index to stored object.
+
+Owns: the page table of the block device (one entry per 4K page), the read/write/discard paths
+with their byte-offset handling (read-modify-write of unaligned edges), integrity checking on
+read, the memory limit as seen by callers (ENOSPC), the per-page locks, and the zram-style
+counters (mm_stat, io_stat).
+Must not: know compression formats (zcached.codec does), how objects are laid out in memory
+(zcached.xcfmalloc does), or anything about FUSE (zcached's FUSE front turns StoreError into
+``-errno``).  Compaction is the compactor's business; handles stay valid across it.
+
+Page table (three flat arrays indexed by page number, 9 bytes per page of the device)::
+
+    _state[p]   bytearray   EMPTY (0)       never written, or discarded: reads as zeros
+                            SAME  (1)       every 8-byte word is the same: no pool memory
+                            COMPRESSED (2)  an allocator object holds the compressed page
+                            HUGE  (3)       an allocator object holds the raw 4096 bytes
+    _handle[p]  array('I')  COMPRESSED/HUGE: the allocator handle (never 0);
+                            SAME: the low 32 bits of the fill word; EMPTY: 0
+    _csum[p]    array('I')  COMPRESSED/HUGE: checksum of the *uncompressed* page (codec.checksum);
+                            SAME: the high 32 bits of the fill word; EMPTY: 0
+
+The checksum lives beside the handle, not beside the data, so a stray write into the pool
+cannot corrupt both.  Metadata per stored page: 9 B of page table here (allocated up front for
+every page of the device), plus what xcfmalloc keeps per object (4 B handle table + 4 B
+back-reference) and per pool page (~6 B per 4K of pool); see bench/store_bench.py.
+
+INVARIANTS
+ * ``_state[p] in (COMPRESSED, HUGE)`` iff ``_handle[p]`` is a live allocator handle owned by
+   this store, and no other page entry holds the same handle.
+ * A handle is freed exactly once: only by the thread that removed it from the table, after
+   it removed it.  Once out of the table no other thread can reach it, so the free happens
+   after the stripe lock is released.
+ * A new object is stored *before* the table entry changes, and the old one freed after: a
+   failed allocation (ENOSPC) leaves the page as it was (zram does the same, so an overwrite
+   at the limit fails even if the new object would fit after freeing the old one).
+ * A write request is atomic with respect to other requests: its new objects are all stored
+   first (or all freed again on failure) and then committed under every stripe lock it covers
+   at once, so no reader sees half a request and two overlapping writers never interleave
+   page by page.
+ * Bytes handed back by :meth:`PageStore.read` have matched their checksum (or are zero/same
+   fill pages, which have no stored bytes to rot); anything else raises EIO.
+
+LOCKING
+ * NSTRIPES stripe locks; page ``p`` belongs to stripe ``(p >> STRIPE_SHIFT) % NSTRIPES``
+   (runs of 64 pages = 256 KiB share a stripe, so a 1 MiB request takes at most 5 locks).  The
+   stripe lock guards the three table entries of its pages.  A request takes the locks of all
+   the stripes it covers, in ascending stripe order (no deadlock), and holds them only for
+   the table lookups/updates plus copying object bytes out of/into the allocator; compression
+   and decompression of whole pages happen outside any lock.  Unaligned edge pages of a write
+   or discard are read, merged and re-encoded under the lock (a read-modify-write must not
+   race another writer of the same page).
+ * xcfmalloc's own locks are taken inside stripe locks (through its methods), never the other
+   way round.
+ * ``_stat_lock`` guards the counters; it is a leaf lock held for a few integer additions.
+
+Batches: a multi-page write encodes its whole pages in a plain loop.  A thread pool was measured
+on this 2-core VM for 128 KiB .. 1 MiB batches (bench/store_bench.py ``batch_encode``) and
+did not pay for itself (see the numbers in the report there), so there is no pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from array import array
+from dataclasses import dataclass
+from typing import Final
+
+from zcached import codec
+from zcached.codec import COMPRESSED, HUGE, PAGE_SIZE, SAME, Codec, CodecError
+from zcached.xcfmalloc import PoolFullError, XcfMalloc
+
+PAGE_SHIFT: Final = 12
+PAGE_MASK: Final = PAGE_SIZE - 1
+EMPTY: Final = 0
+STRIPE_SHIFT: Final = 6  # 64 pages per stripe run
+NSTRIPES: Final = 64
+STRIPE_MASK: Final = NSTRIPES - 1
+U32: Final = 0xFFFFFFFF
+TABLE_BYTES_PER_PAGE: Final = 4 + 4 + 1  # _handle, _csum, _state
+
+_ZERO_PAGE: Final = bytes(PAGE_SIZE)
+_CLEAR_RUN: Final = 512  # pages scanned per slice when a discard clears a range
+
+
+class StoreError(OSError):
+    """A request the store cannot serve; ``.errno`` is what the FUSE front replies (negated)."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(err, message)
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """A snapshot of the counters; field names follow zram's mm_stat and io_stat."""
+
+    # mm_stat
+    orig_data_size: int  # bytes of pages stored (incl. same-filled pages), like zram
+    compr_data_size: int  # bytes of the objects in the pool (compressed sizes, huge = 4096)
+    mem_used_total: int  # pool bytes taken from the OS (allocator pool_bytes)
+    mem_limit: int  # 0 = no limit
+    mem_used_max: int  # high-water mark of mem_used_total
+    same_pages: int  # pages stored as a fill word (no pool memory)
+    pages_compacted: int  # pool pages freed by compaction (allocator)
+    huge_pages: int  # pages stored raw because they did not compress
+    # io_stat and friends (counts in pages, or requests for failed_*)
+    failed_reads: int
+    failed_writes: int
+    checksum_errors: int  # pages whose stored object failed verification (EIO)
+    reads: int
+    writes: int
+    discards: int  # whole pages discarded
+    # the page table itself
+    pages_stored: int
+    npages: int
+    table_bytes: int  # bytes of the page table (TABLE_BYTES_PER_PAGE x npages)
+
+
+class PageStore:
+    """A block device of ``size_bytes`` kept as compressed 4K pages in an XcfMalloc pool."""
+
+    def __init__(
+        self,
+        size_bytes: int,
+        *,
+        compressor: str = "lz4",
+        level: int | None = None,
+        mem_limit: int = 0,
+        allocator: XcfMalloc | None = None,
+        huge_threshold: int = codec.DEFAULT_HUGE_THRESHOLD,
+    ) -> None:
+        if size_bytes <= 0 or size_bytes & PAGE_MASK:
+            raise ValueError(f"device size must be a positive multiple of {PAGE_SIZE} bytes")
+        if mem_limit < 0:
+            raise ValueError("mem_limit must be >= 0 (0 = no limit)")
+        self.size_bytes = size_bytes
+        self.npages = size_bytes >> PAGE_SHIFT
+        self.codec = Codec(compressor, level, huge_threshold=huge_threshold)
+        self.allocator = allocator if allocator is not None else XcfMalloc()
+        if mem_limit:
+            self.allocator.max_pool_bytes = mem_limit
+        n = self.npages
+        self._state = bytearray(n)
+        self._handle = array("I", bytes(4 * n))
+        self._csum = array("I", bytes(4 * n))
+        self._locks = [threading.Lock() for _ in range(NSTRIPES)]
+        self._stat_lock = threading.Lock()
+        self._pages_stored = 0
+        self._compr = 0
+        self._same = 0
+        self._huge = 0
+        self._failed_reads = 0
+        self._failed_writes = 0
+        self._checksum_errors = 0
+        self._reads = 0
+        self._writes = 0
+        self._discards = 0
+
+    # ---- limits ------------------------------------------------------------------------------
+
+    @property
+    def mem_limit(self) -> int:
+        return self.allocator.max_pool_bytes or 0
+
+    @mem_limit.setter
+    def mem_limit(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("mem_limit must be >= 0 (0 = no limit)")
+        self.allocator.max_pool_bytes = value or None
+
+    # ---- locking -----------------------------------------------------------------------------
+
+    def _locks_for(self, first: int, last: int) -> list[threading.Lock]:
+        """The stripe locks of pages first..last (inclusive), in acquisition order."""
+        lo, hi = first >> STRIPE_SHIFT, last >> STRIPE_SHIFT
+        if lo == hi:
+            return [self._locks[lo & STRIPE_MASK]]
+        if hi - lo >= STRIPE_MASK:
+            return self._locks
+        return [self._locks[i] for i in sorted({r & STRIPE_MASK for r in range(lo, hi + 1)})]
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size_bytes:
+            raise StoreError(
+                errno.EINVAL,
+                f"range {offset}+{length} is outside the device ({self.size_bytes} bytes)",
+            )
+
+    # ---- read --------------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; StoreError(EIO) if any page fails verification."""
+        self._check_range(offset, length)
+        if length == 0:
+            return b""
+        first = offset >> PAGE_SHIFT
+        last = (offset + length - 1) >> PAGE_SHIFT
+        if first == last:
+            lock = self._locks[(first >> STRIPE_SHIFT) & STRIPE_MASK]
+            with lock:
+                entry = self._snapshot(first)
+            page = self._materialise(first, entry)
+            with self._stat_lock:
+                self._reads += 1
+            if length == PAGE_SIZE:
+                return page
+            start = offset & PAGE_MASK
+            return page[start : start + length]
+        locks = self._locks_for(first, last)
+        for lock in locks:
+            lock.acquire()
+        try:
+            entries = [self._snapshot(p) for p in range(first, last + 1)]
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+        pages = [self._materialise(first + i, e) for i, e in enumerate(entries)]
+        with self._stat_lock:
+            self._reads += len(pages)
+        data = b"".join(pages)
+        start = offset & PAGE_MASK
+        if start == 0 and len(data) == length:
+            return data
+        return data[start : start + length]
+
+    def _snapshot(self, p: int) -> tuple[int, int, int | bytes]:
+        """(state, csum, handle-or-stored-bytes) of page p; caller holds its stripe lock."""
+        state = self._state[p]
+        if state == EMPTY:
+            return EMPTY, 0, 0
+        if state == SAME:
+            return SAME, self._csum[p], self._handle[p]
+        return state, self._csum[p], self.allocator.read(self._handle[p])
+
+    def _materialise(self, p: int, entry: tuple[int, int, int | bytes]) -> bytes:
+        """The page from a snapshot, verified; StoreError(EIO) on any mismatch."""
+        state, csum, stored = entry
+        if state == EMPTY:
+            return _ZERO_PAGE
+        if state == SAME:
+            assert isinstance(stored, int)
+            return codec.fill_page((csum << 32) | stored)
+        assert isinstance(stored, bytes)
+        try:
+            page = self.codec.decode(state, stored)
+        except CodecError as e:
+            self._integrity_error(p, str(e))
+        if codec.checksum(page) != csum:
+            self._integrity_error(p, "checksum mismatch")
+        return page
+
+    def _integrity_error(self, p: int, why: str) -> None:
+        with self._stat_lock:
+            self._checksum_errors += 1
+            self._failed_reads += 1
+        raise StoreError(errno.EIO, f"page {p} (offset {p << PAGE_SHIFT}) is corrupt: {why}")
+
+    # ---- write -------------------------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` at ``offset``.  ENOSPC at the pool limit, EIO if an unaligned edge page
+        it must merge with is corrupt; either way no page of the device changes."""
+        buf = data if type(data) is bytes else memoryview(data).cast("B").tobytes()
+        length = len(buf)
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        end = offset + length
+        first = offset >> PAGE_SHIFT
+        last = (end - 1) >> PAGE_SHIFT
+        full_lo = (offset + PAGE_MASK) >> PAGE_SHIFT  # first page the request covers wholly
+        full_hi = end >> PAGE_SHIFT  # one past the last page it covers wholly
+        # Whole pages: encode and store outside any lock.
+        new: list[tuple[int, int, int, int, int]] = []  # (page, state, handle, csum, size)
+        try:
+            encode, store = self.codec.encode, self.allocator.store
+            pos = (full_lo << PAGE_SHIFT) - offset
+            for p in range(full_lo, full_hi):
+                kind, payload, csum = encode(buf[pos : pos + PAGE_SIZE])
+                pos += PAGE_SIZE
+                if kind == SAME:
+                    assert isinstance(payload, int)
+                    new.append((p, SAME, payload & U32, payload >> 32, 0))
+                else:
+                    assert isinstance(payload, bytes)
+                    new.append((p, kind, store(payload), csum, len(payload)))
+            if full_lo <= full_hi and first == full_lo and last == full_hi - 1:
+                old = self._commit(first, last, new)  # aligned: no edge pages
+            else:
+                old = self._write_edges(offset, buf, first, last, full_lo, full_hi, new)
+        except BaseException as e:
+            self._drop(new)
+            with self._stat_lock:
+                self._failed_writes += 1
+            if isinstance(e, PoolFullError):
+                raise StoreError(errno.ENOSPC, f"pool memory limit reached: {e}") from None
+            raise
+        self._release(old, added=new, io_pages=last - first + 1)
+
+    def _write_edges(
+        self,
+        offset: int,
+        buf: bytes,
+        first: int,
+        last: int,
+        full_lo: int,
+        full_hi: int,
+        new: list[tuple[int, int, int, int, int]],
+    ) -> list[tuple[int, int, int]]:
+        """Read-modify-write the unaligned first/last page under the lock, then commit all."""
+        end = offset + len(buf)
+        locks = self._locks_for(first, last)
+        for lock in locks:
+            lock.acquire()
+        try:
+            edges = [first] if first < full_lo or full_hi <= first else []
+            if last != first and (last >= full_hi):
+                edges.append(last)
+            for p in edges:
+                base = p << PAGE_SHIFT
+                lo, hi = max(offset, base), min(end, base + PAGE_SIZE)
+                page = self._materialise(p, self._snapshot(p))
+                merged = page[: lo - base] + buf[lo - offset : hi - offset] + page[hi - base :]
+                new.append(self._encode_store(p, merged))
+            return self._commit_locked(new)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def _encode_store(self, p: int, page: bytes) -> tuple[int, int, int, int, int]:
+        kind, payload, csum = self.codec.encode(page)
+        if kind == SAME:
+            assert isinstance(payload, int)
+            return p, SAME, payload & U32, payload >> 32, 0
+        assert isinstance(payload, bytes)
+        return p, kind, self.allocator.store(payload), csum, len(payload)
+
+    def _commit(
+        self, first: int, last: int, new: list[tuple[int, int, int, int, int]]
+    ) -> list[tuple[int, int, int]]:
+        if first >> STRIPE_SHIFT == last >> STRIPE_SHIFT:
+            with self._locks[(first >> STRIPE_SHIFT) & STRIPE_MASK]:
+                return self._commit_locked(new)
+        locks = self._locks_for(first, last)
+        for lock in locks:
+            lock.acquire()
+        try:
+            return self._commit_locked(new)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def _commit_locked(
+        self, new: list[tuple[int, int, int, int, int]]
+    ) -> list[tuple[int, int, int]]:
+        """Point the table at the new entries; returns the old (state, handle, page) entries."""
+        state, handle, csums = self._state, self._handle, self._csum
+        old = []
+        for p, st, h, c, _ in new:
+            if state[p]:
+                old.append((state[p], handle[p], p))
+            state[p] = st
+            handle[p] = h
+            csums[p] = c
+        return old
+
+    def _drop(self, new: list[tuple[int, int, int, int, int]]) -> None:
+        """Free the objects of entries that were never committed."""
+        free = self.allocator.free
+        for _, st, h, _, _ in new:
+            if st in (COMPRESSED, HUGE):
+                free(h)
+        new.clear()
+
+    def _release(
+        self,
+        old: list[tuple[int, int, int]],
+        *,
+        added: list[tuple[int, int, int, int, int]] | None = None,
+        io_pages: int = 0,
+        discarded: int = 0,
+    ) -> None:
+        """Free replaced objects (no lock held) and account for the change."""
+        alloc = self.allocator
+        d_stored = d_compr = d_same = d_huge = 0
+        for st, h, _ in old:
+            d_stored -= 1
+            if st == SAME:
+                d_same -= 1
+            else:
+                d_compr -= alloc.size(h)
+                alloc.free(h)
+                if st == HUGE:
+                    d_huge -= 1
+        for _, st, _, _, size in added or ():
+            d_stored += 1
+            d_compr += size
+            if st == SAME:
+                d_same += 1
+            elif st == HUGE:
+                d_huge += 1
+        with self._stat_lock:
+            self._pages_stored += d_stored
+            self._compr += d_compr
+            self._same += d_same
+            self._huge += d_huge
+            if discarded:
+                self._discards += discarded
+            else:
+                self._writes += io_pages
+
+    # ---- discard -----------------------------------------------------------------------------
+
+    def discard(self, offset: int, length: int) -> None:
+        """Forget ``length`` bytes at ``offset``: whole pages are freed at once, partial edge
+        pages get zeros, so the whole range reads back as zeros (FALLOC_FL_PUNCH_HOLE)."""
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        end = offset + length
+        first = offset >> PAGE_SHIFT
+        last = (end - 1) >> PAGE_SHIFT
+        full_lo = (offset + PAGE_MASK) >> PAGE_SHIFT
+        full_hi = end >> PAGE_SHIFT
+        edges = [p for p in {first, last} if not full_lo <= p < full_hi]
+        new: list[tuple[int, int, int, int, int]] = []
+        old: list[tuple[int, int, int]] = []
+        locks = self._locks_for(first, last)
+        for lock in locks:
+            lock.acquire()
+        try:
+            try:
+                for p in sorted(edges):
+                    if self._state[p] == EMPTY or (
+                        self._state[p] == SAME and self._handle[p] == 0 and self._csum[p] == 0
+                    ):
+                        continue  # already zeros
+                    base = p << PAGE_SHIFT
+                    lo, hi = max(offset, base) - base, min(end, base + PAGE_SIZE) - base
+                    page = self._materialise(p, self._snapshot(p))
+                    new.append(self._encode_store(p, page[:lo] + bytes(hi - lo) + page[hi:]))
+            except BaseException as e:
+                self._drop(new)
+                if isinstance(e, PoolFullError):
+                    raise StoreError(errno.ENOSPC, f"pool memory limit reached: {e}") from None
+                raise
+            old = self._commit_locked(new)
+            if full_lo < full_hi:
+                old += self._clear_locked(full_lo, full_hi)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+        self._release(old, added=new, discarded=max(0, full_hi - full_lo))
+
+    def _clear_locked(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """Empty pages lo..hi-1; returns their old entries.  Caller holds their stripe locks."""
+        state, handle, csums = self._state, self._handle, self._csum
+        old = []
+        for i in range(lo, hi, _CLEAR_RUN):
+            j = min(i + _CLEAR_RUN, hi)
+            run = state[i:j]
+            if run.count(EMPTY) == j - i:
+                continue  # a run of empty pages costs one C-level scan
+            for k, st in enumerate(run, i):
+                if st:
+                    old.append((st, handle[k], k))
+                    handle[k] = 0
+                    csums[k] = 0
+            state[i:j] = bytes(j - i)
+        return old
+
+    # ---- stats -------------------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        pool = self.allocator.stats()
+        with self._stat_lock:
+            return StoreStats(
+                orig_data_size=self._pages_stored << PAGE_SHIFT,
+                compr_data_size=self._compr,
+                mem_used_total=pool.pool_bytes,
+                mem_limit=self.mem_limit,
+                mem_used_max=pool.pool_bytes_max,
+                same_pages=self._same,
+                pages_compacted=pool.pages_compacted,
+                huge_pages=self._huge,
+                failed_reads=self._failed_reads,
+                failed_writes=self._failed_writes,
+                checksum_errors=self._checksum_errors,
+                reads=self._reads,
+                writes=self._writes,
+                discards=self._discards,
+                pages_stored=self._pages_stored,
+                npages=self.npages,
+                table_bytes=TABLE_BYTES_PER_PAGE * self.npages,
+            )
+
+    def metadata_bytes(self) -> int:
+        """Bytes the page table occupies (the arrays' buffers, not the Python object headers)."""
+        return TABLE_BYTES_PER_PAGE * self.npages
