@@ -53,13 +53,15 @@ LOCKING
    way round.
  * ``_stat_lock`` guards the counters; it is a leaf lock held for a few integer additions.
 
-Batches: a write of several whole pages encodes (and stores) them outside the locks, in one
-plain loop for LZ4 and split across ``min(cpu_count, 4)`` threads for zstd when the batch has at
-least PARALLEL_MIN_PAGES (32 = 128 KiB) pages: measured on the 2-core VM over heap pages, a
-second thread makes zstd 1.5x faster (170 -> 260 MB/s at 128 KiB..1 MiB) but LZ4 0.65x slower
-(420 -> 270 MB/s: the GIL hand-offs cost more than the 2 us of compression they overlap).  The
-calling thread always encodes the first part itself, and a 4K request never leaves its thread.
-``codec.Codec.parallel_batches`` says which codecs are worth it.
+Batches: a write of several whole pages encodes (and stores) them outside the locks.  LZ4
+batches run in one plain loop.  zstd batches of at least PARALLEL_MIN_PAGES (32 = 128 KiB) pages
+are *encoded* in equal parts by the calling thread and ``min(cpu_count, 4) - 1`` helper threads,
+then stored in the allocator by the calling thread.  Measured on the 2-core VM with heap pages
+(whole store, bench/store_bench.py "batch_threads"): zstd-3 145 -> 189 MB/s for 1 MiB writes and
+149 -> 165 MB/s for 128 KiB; LZ4 216 -> 160 MB/s (slower: its 2 us per page is less than the
+cost of the GIL hand-offs), and storing from the helpers too gained nothing (xcfmalloc is Python
+code that holds the GIL).  ``codec.Codec.parallel_batches`` says which codecs take the threads.
+A 4K request never leaves its thread and has its own short path (:meth:`PageStore._write_page`).
 """
 
 from __future__ import annotations
@@ -275,6 +277,9 @@ class PageStore:
         buf = data if type(data) is bytes else memoryview(data).cast("B").tobytes()
         length = len(buf)
         self._check_range(offset, length)
+        if length == PAGE_SIZE and not offset & PAGE_MASK:
+            self._write_page(offset >> PAGE_SHIFT, buf)
+            return
         if length == 0:
             return
         end = offset + length
@@ -303,6 +308,44 @@ class PageStore:
             raise
         self._release(old, added=new, io_pages=last - first + 1)
 
+    def _write_page(self, p: int, page: bytes) -> None:
+        """The fast path: one aligned 4K page (what swap sends most), no lists, no hand-off."""
+        kind, payload, csum = self.codec.encode(page)
+        size = 0
+        if kind == SAME:
+            assert isinstance(payload, int)
+            h, csum = payload & U32, payload >> 32
+        else:
+            assert isinstance(payload, bytes)
+            size = len(payload)
+            try:
+                h = self.allocator.store(payload)
+            except PoolFullError as e:
+                with self._stat_lock:
+                    self._failed_writes += 1
+                raise StoreError(errno.ENOSPC, f"pool memory limit reached: {e}") from None
+        state, handle = self._state, self._handle
+        with self._locks[(p >> STRIPE_SHIFT) & STRIPE_MASK]:
+            old_state, old_h = state[p], handle[p]
+            state[p] = kind
+            handle[p] = h
+            self._csum[p] = csum
+        d_stored, d_same, d_huge = 1, int(kind == SAME), int(kind == HUGE)
+        if old_state:
+            d_stored = 0
+            if old_state == SAME:
+                d_same -= 1
+            else:
+                size -= self.allocator.size(old_h)
+                self.allocator.free(old_h)
+                d_huge -= old_state == HUGE
+        with self._stat_lock:
+            self._pages_stored += d_stored
+            self._compr += size
+            self._same += d_same
+            self._huge += d_huge
+            self._writes += 1
+
     def _encode_run(self, buf: bytes, pos: int, lo: int, hi: int) -> list[Entry]:
         """Encode and store pages lo..hi-1 taken from buf[pos:]; all or nothing."""
         encode, store = self.codec.encode, self.allocator.store
@@ -323,7 +366,9 @@ class PageStore:
         return out
 
     def _encode_parallel(self, buf: bytes, pos: int, lo: int, hi: int) -> list[Entry]:
-        """_encode_run split in equal parts: the helper threads take all but the first."""
+        """Encode pages lo..hi-1 in equal parts on several threads (the caller takes the first
+        part), then store them from the calling thread: xcfmalloc runs with the GIL held, so
+        storing from the helpers only adds GIL hand-offs (measured)."""
         pool = self._pool
         if pool is None:
             with self._stat_lock:
@@ -332,26 +377,28 @@ class PageStore:
                         max_workers=self._workers - 1, thread_name_prefix="zcached-encode"
                     )
                 pool = self._pool
-        parts = self._workers
-        step = -(-(hi - lo) // parts)
+        step = -(-(hi - lo) // self._workers) * PAGE_SIZE
+        stop = pos + (hi - lo) * PAGE_SIZE
         futures = [
-            pool.submit(self._encode_run, buf, pos + (k - lo) * PAGE_SIZE, k, min(k + step, hi))
-            for k in range(lo + step, hi, step)
+            pool.submit(_encode_pages, self.codec, buf, start, min(start + step, stop))
+            for start in range(pos + step, stop, step)
         ]
-        error: BaseException | None = None
+        encoded = _encode_pages(self.codec, buf, pos, min(pos + step, stop))
+        for f in futures:
+            encoded += f.result()
         out: list[Entry] = []
+        store = self.allocator.store
         try:
-            out = self._encode_run(buf, pos, lo, min(lo + step, hi))
-        except BaseException as e:
-            error = e
-        for f in futures:  # wait for every part, so no object is left behind on failure
-            try:
-                out += f.result()
-            except BaseException as e:
-                error = error or e
-        if error is not None:
+            for p, (kind, payload, csum) in enumerate(encoded, lo):
+                if kind == SAME:
+                    assert isinstance(payload, int)
+                    out.append((p, SAME, payload & U32, payload >> 32, 0))
+                else:
+                    assert isinstance(payload, bytes)
+                    out.append((p, kind, store(payload), csum, len(payload)))
+        except BaseException:
             self._drop(out)
-            raise error
+            raise
         return out
 
     def close(self) -> None:
@@ -557,3 +604,9 @@ class PageStore:
     def metadata_bytes(self) -> int:
         """Bytes the page table occupies (the arrays' buffers, not the Python object headers)."""
         return TABLE_BYTES_PER_PAGE * self.npages
+
+
+def _encode_pages(c: codec.Codec, buf: bytes, start: int, stop: int) -> list[codec.Encoded]:
+    """Encode the pages of buf[start:stop] (pure; runs on a helper thread)."""
+    encode = c.encode
+    return [encode(buf[pos : pos + PAGE_SIZE]) for pos in range(start, stop, PAGE_SIZE)]
