@@ -361,8 +361,9 @@ def test_limit_gives_enospc_and_keeps_old_data() -> None:
     assert store.read(0, 1) == b"z"
 
 
-def test_a_batch_that_hits_the_limit_changes_nothing() -> None:
-    store = PageStore(16 * MiB, mem_limit=128 * 1024)
+@pytest.mark.parametrize("compressor", ["lz4", "zstd"])  # zstd: the helper-thread path
+def test_a_batch_that_hits_the_limit_changes_nothing(compressor: str) -> None:
+    store = PageStore(16 * MiB, compressor=compressor, mem_limit=128 * 1024)
     first = text(8 * PAGE_SIZE, 10)
     store.write(0, first)
     objects = store.allocator.stats().objects
@@ -371,7 +372,9 @@ def test_a_batch_that_hits_the_limit_changes_nothing() -> None:
     assert info.value.errno == errno.ENOSPC
     assert store.allocator.stats().objects == objects  # nothing leaked
     assert store.read(0, 65 * PAGE_SIZE) == first + bytes(57 * PAGE_SIZE)
+    assert store.stats().failed_writes == 1
     check_accounting(store)
+    store.close()
 
 
 def test_limit_on_a_shared_allocator() -> None:
