@@ -273,6 +273,18 @@ def test_corrupt_object_is_eio_never_data(compressor: str, where: int) -> None:
     assert s.checksum_errors == 2 and s.failed_reads == 2
 
 
+def test_scrub_finds_corrupt_pages() -> None:
+    store = PageStore(1 * MiB)
+    store.write(0, text(100 * PAGE_SIZE, 11) + os.urandom(PAGE_SIZE) + bytes(PAGE_SIZE))
+    assert store.scrub() == []
+    tamper(store, 3)
+    tamper(store, 77, 1)
+    tamper(store, 100, 4000)  # the huge page
+    assert store.scrub() == [3, 77, 100]
+    s = store.stats()
+    assert s.checksum_errors == 3 and s.failed_reads == 0
+
+
 def test_corrupt_huge_page_is_eio() -> None:
     store = PageStore(1 * MiB)
     store.write(0, os.urandom(PAGE_SIZE))

@@ -38,7 +38,12 @@ INVARIANTS
    at once, so no reader sees half a request and two overlapping writers never interleave
    page by page.
  * Bytes handed back by :meth:`PageStore.read` have matched their checksum (or are zero/same
-   fill pages, which have no stored bytes to rot); anything else raises EIO.
+   fill pages, which have no stored bytes to rot); anything else raises EIO.  The checksum is
+   verified on every read, and on the read half of every read-modify-write (unaligned write or
+   partial discard).  Objects moved by compaction are checked by xcfmalloc itself, which
+   compares every copy with its source byte for byte before it repoints the handle (stronger
+   than a checksum); the allocator offers no hook through which the store could also check its
+   checksum at move time, so that happens at the next read (or :meth:`PageStore.scrub`).
 
 LOCKING
  * NSTRIPES stripe locks; page ``p`` belongs to stripe ``(p >> STRIPE_SHIFT) % NSTRIPES``
@@ -72,7 +77,7 @@ import threading
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 from zcached import codec
 from zcached.codec import COMPRESSED, HUGE, PAGE_SIZE, SAME, Codec, CodecError
@@ -263,7 +268,7 @@ class PageStore:
             self._integrity_error(p, "checksum mismatch")
         return page
 
-    def _integrity_error(self, p: int, why: str) -> None:
+    def _integrity_error(self, p: int, why: str) -> NoReturn:
         with self._stat_lock:
             self._checksum_errors += 1
             self._failed_reads += 1
@@ -575,6 +580,32 @@ class PageStore:
                     csums[k] = 0
             state[i:j] = bytes(j - i)
         return old
+
+    # ---- scrubbing ---------------------------------------------------------------------------
+
+    def scrub(self) -> list[int]:
+        """Verify every stored page (e.g. after compaction); returns the pages that fail.
+
+        Each failure also counts in checksum_errors (not in failed_reads: no request failed).
+        Runs one lock stripe-run at a time, so I/O goes on meanwhile.
+        """
+        bad = []
+        run = 1 << STRIPE_SHIFT
+        for lo in range(0, self.npages, run):
+            hi = min(lo + run, self.npages)
+            with self._locks[(lo >> STRIPE_SHIFT) & STRIPE_MASK]:
+                entries = [(p, self._snapshot(p)) for p in range(lo, hi) if self._state[p] > SAME]
+            for p, (state, csum, stored) in entries:
+                assert isinstance(stored, bytes)
+                try:
+                    ok = codec.checksum(self.codec.decode(state, stored)) == csum
+                except CodecError:
+                    ok = False
+                if not ok:
+                    bad.append(p)
+                    with self._stat_lock:
+                        self._checksum_errors += 1
+        return bad
 
     # ---- stats -------------------------------------------------------------------------------
 
