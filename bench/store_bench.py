@@ -168,6 +168,38 @@ def batch_threads(data: bytes, repeats: int = 2) -> dict[str, Any]:
     return out
 
 
+def codec_micro(data: bytes, pages: int = 2000) -> dict[str, Any]:
+    """Microseconds per 4K page of the checksum and same-filled candidates (codec's choices)."""
+    import timeit
+    import zlib
+
+    import xxhash
+
+    sample = [
+        data[i : i + PAGE_SIZE] for i in range(0, min(len(data), pages * PAGE_SIZE), PAGE_SIZE)
+    ]
+    zero = bytes(PAGE_SIZE)
+
+    def per_page(fn: Any, pages: list[bytes]) -> float:
+        t = min(timeit.repeat(lambda: [fn(p) for p in pages], number=3, repeat=3))
+        return round(t / 3 / len(pages) * 1e6, 3)
+
+    return {
+        "checksum_xxh3_64_low32_us": per_page(
+            lambda p: xxhash.xxh3_64_intdigest(p) & 0xFFFFFFFF, sample
+        ),
+        "checksum_crc32_us": per_page(zlib.crc32, sample),
+        "checksum_xxh32_us": per_page(xxhash.xxh32_intdigest, sample),
+        "same_mul_compare_us": per_page(lambda p: p == p[:8] * 512, sample),
+        "same_guarded_us_used": per_page(lambda p: p[:8] == p[-8:] and p == p[:8] * 512, sample),
+        "same_count_us": per_page(lambda p: p.count(p[:8]) == 512, sample),
+        "same_memoryview_us": per_page(lambda p: memoryview(p) == memoryview(p[:8] * 512), sample),
+        "same_on_zero_page_guarded_us": per_page(
+            lambda p: p[:8] == p[-8:] and p == p[:8] * 512, [zero] * len(sample)
+        ),
+    }
+
+
 def run(quick: bool) -> dict[str, Any]:
     nbytes = (32 if quick else 256) * MiB
     data = _heap(nbytes)
@@ -176,6 +208,7 @@ def run(quick: bool) -> dict[str, Any]:
     result["memory"] = memory_vs_zram(data)
     result["throughput"] = throughput(sample)
     result["batch_threads"] = batch_threads(sample)
+    result["codec_micro"] = codec_micro(sample)
     full = result["memory"]["full"]
     result["summary"] = {
         "pool_plus_metadata_vs_zram": full["pool_plus_metadata_vs_zram"],
