@@ -32,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---- corpus and zram (bench/corpus.py, bench/zram.py when they exist) ------------------------
 
+
 def _corpus(nbytes: int) -> tuple[bytes, str]:
     try:
         from bench.corpus import heap_pages
@@ -66,7 +67,7 @@ def _zram(size: int) -> Iterator[str]:
     try:
         from bench.zram import Zram
     except ImportError:
-        Zram = None  # noqa: N806
+        Zram = None
     if Zram is not None:
         with Zram(size, algorithm="lz4") as z:
             yield z.path
@@ -82,6 +83,7 @@ def _zram(size: int) -> Iterator[str]:
 
 
 # ---- zcached front in its own process + loop device ------------------------------------------
+
 
 @contextlib.contextmanager
 def served_loop(front: str, backend: str, size_mib: int, threads: int) -> Iterator[str]:
@@ -130,6 +132,7 @@ def served_loop(front: str, backend: str, size_mib: int, threads: int) -> Iterat
 
 # ---- fio --------------------------------------------------------------------------------------
 
+
 def fio(dev: str, rw: str, bs: str, iodepth: int, runtime: float, size: int, **extra: Any
         ) -> dict[str, float]:  # fmt: skip
     """One fio job on ``dev``; returns iops, MB/s (10^6 bytes/s) and mean completion latency."""
@@ -140,7 +143,7 @@ def fio(dev: str, rw: str, bs: str, iodepth: int, runtime: float, size: int, **e
         args += [f"--runtime={runtime}", "--time_based=1"]
     args += [f"--{k}={v}" for k, v in extra.items()]
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
+    job = json.loads(out[out.index("{") :])["jobs"][0]
     part = job["read"] if "read" in rw or rw == "randread" else job["write"]
     if job.get("error"):
         raise RuntimeError(f"fio {rw} on {dev}: error {job['error']}")

@@ -67,6 +67,7 @@ THREADS AND STATE
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -370,10 +371,8 @@ class FuseServer:
                 )  # fmt: skip
                 self._workers.append(t)
                 t.start()
-            try:
+            with contextlib.suppress(threading.BrokenBarrierError):
                 ready.wait(timeout=30)
-            except threading.BrokenBarrierError:
-                pass
             if self._init_errors:
                 e = self._init_errors[0]
                 raise MountError(f"worker thread setup failed: {e}")
@@ -406,21 +405,24 @@ class FuseServer:
                         if err != errno.EINVAL:
                             log.warning("umount %s: %s", self.mountpoint, os.strerror(err))
                 self._mounted = False
-            alive = [t for t in self._workers if t.is_alive()]
-            for t in alive:
+            for t in self._workers:
                 t.join(timeout=2.0)
             if any(t.is_alive() for t in self._workers):
+                # Still in use (lazily detached): the kernel keeps the connection until the
+                # last user closes the file.  Abort it, or the workers would serve on.
                 self._abort_connection()
                 for t in self._workers:
                     t.join(timeout=5.0)
             if any(t.is_alive() for t in self._workers):
-                log.warning("FUSE worker threads did not end; leaving them (daemon threads)")
+                # Never close a descriptor a live worker may still read: the number could be
+                # reused by another FUSE session, whose requests the old worker would answer.
+                log.warning("FUSE worker threads did not end; leaving their descriptors open")
+                self._workers = [t for t in self._workers if t.is_alive()]
+                return
             self._workers = []
             for fd in self._fds:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
             self._fds = []
             self._fd = -1
 
@@ -428,8 +430,13 @@ class FuseServer:
         """Abort the connection through fusectl (wakes workers blocked in read with ENODEV)."""
         if self._conn is None:
             return
-        major, minor = self._conn.split(":")
-        path = f"/sys/fs/fuse/connections/{minor if major == '0' else self._conn}/abort"
+        major, minor = (int(x) for x in self._conn.split(":"))
+        ctl = "/sys/fs/fuse/connections"
+        path = f"{ctl}/{os.makedev(major, minor)}/abort"
+        if not os.path.exists(path) and os.path.isdir(ctl):
+            # fusectl not mounted (systemd usually does it): mount it, as fusermount -u would
+            # need it too.  Harmless if it races with another mounter.
+            _libc().mount(b"fusectl", ctl.encode(), b"fusectl", 0, None)
         try:
             with open(path, "w") as f:
                 f.write("1")
@@ -528,7 +535,8 @@ class FuseServer:
                     continue
                 if e.errno in (ENODEV, EPERM):  # connection gone (EPERM: device detached)
                     return
-                raise
+                log.error("FUSE read failed, worker ends: %s", e)
+                return
             t0 = perf()
             _len, opcode, unique, nodeid = hdr_unpack(buf)
             err = 0
@@ -716,7 +724,7 @@ class FuseServer:
         return []
 
     def _nodata(self, nodeid: int, mv: memoryview, n: int) -> list[bytes]:
-        (size, _pad) = _GETXATTR_IN.unpack_from(mv, _IN_HDR_SIZE)
+        (_size, _pad) = _GETXATTR_IN.unpack_from(mv, _IN_HDR_SIZE)
         raise _Reply(errno.ENODATA)
 
     def _listxattr(self, nodeid: int, mv: memoryview, n: int) -> list[bytes]:
