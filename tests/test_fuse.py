@@ -250,7 +250,8 @@ def test_fio_verify_crc32c(loopdev: str) -> None:
     r = subprocess.run(
         ["fio", "--name=verify", f"--filename={loopdev}", "--rw=randwrite", "--bs=4k",
          "--bsrange=4k-256k", "--size=64M", "--iodepth=16", "--ioengine=libaio", "--direct=1",
-         "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--minimal"],
+         "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+         "--minimal"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -358,3 +359,17 @@ def test_stop_while_loop_device_attached(server: FuseServer, mountdir: str) -> N
             _dio_read(dev, 0, 4096)  # the daemon is gone: errors, not zeros
     finally:
         subprocess.run(["losetup", "-d", dev], check=True)
+
+
+def test_swapon_discard_reaches_backend(server: FuseServer, loopdev: str) -> None:
+    """Real swap on the loop device: swapon --discard discards the device (FALLOCATE)."""
+    subprocess.run(["mkswap", loopdev], check=True, capture_output=True)
+    before = len(server.backend.discards)  # type: ignore[attr-defined]
+    subprocess.run(["swapon", "--discard=once", "-p", "0", loopdev], check=True)
+    try:
+        with open("/proc/swaps") as f:
+            assert any(line.split()[0] == loopdev for line in f)
+    finally:
+        subprocess.run(["swapoff", loopdev], check=True)
+    new = server.backend.discards[before:]  # type: ignore[attr-defined]
+    assert sum(n for _, n in new) >= SIZE // 2  # swapon discarded the swap area
