@@ -326,6 +326,14 @@ class FuseServer:
             if os.geteuid() != 0:
                 raise MountError("mounting the FUSE file system needs root")
             if any(t == "fuse.zcached" for t, _ in _mounts_at(mp)):
+                try:
+                    os.stat(mp)
+                except OSError as e:
+                    if e.errno == errno.ENOTCONN:
+                        raise MountError(
+                            f"{mp}: a dead zcached mount is still there (its daemon died);"
+                            f" swapoff/losetup -d its users and umount it first"
+                        ) from None
                 raise MountError(f"{mp}: a zcached file system is already mounted there")
             try:
                 st = os.stat(mp)
