@@ -347,7 +347,21 @@ def test_thread_init_failure_is_a_mount_error(mountdir: str) -> None:
     assert not _mounted(mountdir)
 
 
-def test_stop_while_loop_device_attached(server: FuseServer, mountdir: str) -> None:
+@pytest.fixture
+def fusectl_restored() -> Iterator[None]:
+    """stop() may mount fusectl to abort a busy connection; unmount it again if it was not."""
+    ctl = "/sys/fs/fuse/connections"
+    was = _mounted(ctl)
+    try:
+        yield
+    finally:
+        if not was and _mounted(ctl):
+            subprocess.run(["umount", ctl], check=False)
+
+
+def test_stop_while_loop_device_attached(
+    fusectl_restored: None, server: FuseServer, mountdir: str
+) -> None:
     dev = subprocess.run(
         ["losetup", "--direct-io=on", "--show", "-f", server.image_path],
         check=True, capture_output=True, text=True,
