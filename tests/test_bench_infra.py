@@ -1,0 +1,102 @@
+"""Real tests of the benchmark infrastructure: bench.corpus (heap pages of live processes),
+bench.zram (kernel /dev/zram0, always reset) and the aggregation of bench.__main__."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# bench/ is not an installed package: import it from the repo root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import corpus
+from bench.__main__ import aggregate
+from bench.zram import SYS, Zram, ZramBusyError
+
+PAGE = 4096
+
+
+def _disksize() -> int:
+    return int((SYS / "disksize").read_text())
+
+
+def test_capture_reads_live_process_memory() -> None:
+    token = secrets.token_hex(16)
+    prog = ("import sys; t = sys.argv[1]; keep = [t * 64 + str(i) for i in range(4000)]; "
+            "print('ready', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", prog, token], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().startswith("ready")
+        pages = corpus.capture_pages(p.pid)
+    finally:
+        p.kill()
+        p.wait()
+    assert pages and all(len(x) == PAGE and x != bytes(PAGE) for x in pages)
+    assert sum(x.count(token.encode()) for x in pages) >= 4000  # the child's strings are there
+
+
+def test_heap_pages_real_nonzero_and_deterministic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(corpus, "RESULTS", tmp_path)
+    n = 2 << 20
+    data = corpus.heap_pages(n, verbose=False)
+    assert len(data) == n
+    pages = [data[i : i + PAGE] for i in range(0, n, PAGE)]
+    assert bytes(PAGE) not in pages
+    assert len(set(pages)) > len(pages) // 2  # mostly unique pages, not one repeated buffer
+    assert any(b"ast" in x or b"Module" in x for x in pages)  # CPython heap of the AST program
+    cached = tmp_path / f"corpus-{n}.bin"
+    assert cached.read_bytes() == data
+    assert corpus.heap_pages(n, verbose=False) == data  # served from the cache
+
+
+def test_zram_roundtrip_stats_discard_and_reset() -> None:
+    text = (b"zcached " * (PAGE * 16 // 8 + 1))[: PAGE * 16]
+    data = os.urandom(64 * 1024) + text
+    with Zram(8 << 20, algorithm="lz4") as z:
+        assert "[lz4]" in (SYS / "comp_algorithm").read_text()
+        assert _disksize() == 8 << 20
+        before = z.mm_stat()
+        z.write_pages(data, offset=PAGE * 4)
+        assert z.read(PAGE * 4, len(data)) == data
+        after = z.mm_stat()
+        assert after["orig_data_size"] - before["orig_data_size"] == len(data)
+        assert after["compr_data_size"] > before["compr_data_size"]
+        z.discard(PAGE * 4, 16 * PAGE)
+        z.compact()
+        assert z.mm_stat()["orig_data_size"] == after["orig_data_size"] - 16 * PAGE
+        assert z.read(PAGE * 4, 16 * PAGE) == bytes(16 * PAGE)  # discarded pages read zero
+        assert set(z.io_stat()) >= {"failed_reads", "failed_writes"}
+    assert _disksize() == 0
+
+
+def test_zram_resets_on_error_and_after_swapon() -> None:
+    with pytest.raises(RuntimeError, match="boom"), Zram(4 << 20) as z:
+        z.write_pages(b"x" * PAGE)
+        raise RuntimeError("boom")
+    assert _disksize() == 0
+    with Zram(16 << 20) as z:
+        subprocess.run(["mkswap", z.path], check=True, capture_output=True)
+        subprocess.run(["swapon", z.path], check=True)
+        with pytest.raises(ZramBusyError):  # a second user is refused while it is swap
+            Zram(4 << 20).__enter__()
+        held = os.open(z.path, os.O_RDONLY)  # reset retries while a descriptor is open
+        os.close(held)
+    assert "/dev/zram0" not in Path("/proc/swaps").read_text()
+    assert _disksize() == 0
+
+
+def test_aggregate_medians_and_spread() -> None:
+    runs = [{"a": 1, "b": {"c": 3.0, "s": "x"}, "ok": True},
+            {"a": 5, "b": {"c": 1.0, "s": "y"}, "ok": False},
+            {"a": 2, "b": {"c": 2.0, "s": "z"}, "ok": True}]
+    med, spread = aggregate(runs)
+    assert med == {"a": 2, "b": {"c": 2.0, "s": "x"}, "ok": True}
+    assert spread == {"a": [1, 5], "b": {"c": [1.0, 3.0]}}
