@@ -1,0 +1,228 @@
+"""Prometheus exporter: a Collector that reads live stats at scrape time, served with /status.
+
+Owns: the metric names and units (the dashboard in config/grafana-dashboard.json relies on them),
+the HTTP listener (/metrics, /status) and its thread. Must NOT: update gauges on the I/O hot path,
+touch the store/allocator other than through their ``stats()`` snapshots, or swallow a busy port
+(``start_exporter`` raises OSError so the daemon can print one line).
+
+Invariant: every value comes from one ``stats()`` call per source per scrape, so a scrape is a
+consistent-per-source snapshot; nothing here holds a lock of the store.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+import psutil
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from zcached import __version__ as _VERSION
+
+DEFAULT_LISTEN = "127.0.0.1:9273"
+
+
+class CompactorLike(Protocol):
+    runs: int
+    seconds: float
+
+
+class StatsSource(Protocol):
+    def stats(self) -> Any: ...
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); ValueError on bad input."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad listen address {listen!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class ZcachedCollector(Collector):
+    """Reads ``store.stats()``, ``store.allocator.fragmentation()``, ``fuse.stats()`` and the
+    compactor's counters at each collect()."""
+
+    def __init__(
+        self,
+        store: StatsSource,
+        fuse: StatsSource | None = None,
+        compactor: CompactorLike | None = None,
+        info: Callable[[], Mapping[str, object]] | None = None,
+    ) -> None:
+        self.store = store
+        self.fuse = fuse
+        self.compactor = compactor
+        self.info = info
+        self._proc = psutil.Process()
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.store.stats()
+        g = GaugeMetricFamily
+        c = CounterMetricFamily
+        yield g(
+            "zcached_orig_data_bytes",
+            "Bytes of pages stored (uncompressed).",
+            value=s.orig_data_size,
+        )
+        yield g(
+            "zcached_compr_data_bytes",
+            "Bytes of compressed objects stored.",
+            value=s.compr_data_size,
+        )
+        yield g("zcached_pool_bytes", "Pool memory taken from the OS.", value=s.mem_used_total)
+        yield g("zcached_pool_bytes_max", "High-water mark of pool memory.", value=s.mem_used_max)
+        yield g("zcached_mem_limit_bytes", "Pool memory limit (0 = none).", value=s.mem_limit)
+        yield g("zcached_same_pages", "Pages stored as a fill word.", value=s.same_pages)
+        yield g("zcached_huge_pages", "Pages stored uncompressed.", value=s.huge_pages)
+        yield g("zcached_stored_pages", "Pages currently stored.", value=s.pages_stored)
+        yield g("zcached_device_bytes", "Size of the device.", value=s.npages * 4096)
+        yield c(
+            "zcached_pages_compacted", "Pool pages freed by compaction.", value=s.pages_compacted
+        )
+        yield c("zcached_reads", "Pages read.", value=s.reads)
+        yield c("zcached_writes", "Pages written.", value=s.writes)
+        yield c("zcached_discards", "Pages discarded.", value=s.discards)
+        yield c("zcached_failed_reads", "Failed read requests.", value=s.failed_reads)
+        yield c("zcached_failed_writes", "Failed write requests.", value=s.failed_writes)
+        yield c("zcached_checksum_errors", "Pages failing verification.", value=s.checksum_errors)
+
+        alloc = getattr(self.store, "allocator", None)
+        if alloc is not None:
+            pool = g("zcached_class_pool_bytes", "Pool bytes per size class.", labels=["size"])
+            req = g(
+                "zcached_class_requested_bytes", "Requested bytes per size class.", labels=["size"]
+            )
+            for size, pbytes, rbytes in alloc.fragmentation():
+                pool.add_metric([str(size)], pbytes)
+                req.add_metric([str(size)], rbytes)
+            yield pool
+            yield req
+
+        if self.fuse is not None:
+            yield from self._latency(self.fuse.stats())
+
+        if self.compactor is not None:
+            yield c("zcached_compaction_runs", "Compaction runs.", value=self.compactor.runs)
+            yield c(
+                "zcached_compaction_seconds", "Time spent compacting.", value=self.compactor.seconds
+            )
+
+        with self._proc.oneshot():
+            mem = self._proc.memory_info()
+            cpu = self._proc.cpu_times()
+        yield g("zcached_process_resident_memory_bytes", "Daemon RSS.", value=mem.rss)
+        yield c(
+            "zcached_process_cpu_seconds", "Daemon CPU (user+system).", value=cpu.user + cpu.system
+        )
+        build = InfoMetricFamily("zcached_build", "Build information.")
+        build.add_metric([], {"version": _VERSION})
+        yield build
+
+    @staticmethod
+    def _latency(fs: Mapping[str, Any]) -> Iterable[Metric]:
+        bounds = [b / 1e9 for b in fs.get("latency_bounds_ns", [])]
+        buckets: Mapping[str, list[int]] = fs.get("latency_buckets", {})
+        sums: Mapping[str, int] = fs.get("latency_sum_ns", {})
+        for op, name in (("READ", "read"), ("WRITE", "write")):
+            counts = buckets.get(op, [0] * (len(bounds) + 1))
+            acc = 0
+            cum: list[tuple[str, float]] = []
+            for le, n in zip([*map(repr, bounds), "+Inf"], counts, strict=True):
+                acc += n
+                cum.append((le, acc))
+            h = HistogramMetricFamily(
+                f"zcached_{name}_request_duration_seconds",
+                f"FUSE {op} request latency.",
+                buckets=cum,
+                sum_value=sums.get(op, 0) / 1e9,
+            )
+            yield h
+
+
+@dataclass
+class Exporter:
+    server: ThreadingHTTPServer
+    thread: threading.Thread
+    registry: CollectorRegistry
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def start_exporter(
+    listen: str,
+    store: StatsSource,
+    fuse: StatsSource | None = None,
+    compactor: CompactorLike | None = None,
+    info: Callable[[], Mapping[str, object]] | None = None,
+) -> Exporter:
+    """Serve /metrics and /status on ``listen``; OSError if the address is busy."""
+    host, port = parse_listen(listen)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ZcachedCollector(store, fuse, compactor, info))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                body = generate_latest(registry)
+                ctype = CONTENT_TYPE_LATEST
+            elif path == "/status":
+                body = json.dumps(status_document(store, info)).encode()
+                ctype = "application/json"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="zcached-metrics", daemon=True)
+    thread.start()
+    return Exporter(server, thread, registry)
+
+
+def status_document(
+    store: StatsSource, info: Callable[[], Mapping[str, object]] | None
+) -> dict[str, object]:
+    s = store.stats()
+    doc: dict[str, object] = {
+        "size": s.npages * 4096,
+        "orig_data_size": s.orig_data_size,
+        "compr_data_size": s.compr_data_size,
+        "mem_used_total": s.mem_used_total,
+        "mem_limit": s.mem_limit,
+        "same_pages": s.same_pages,
+        "huge_pages": s.huge_pages,
+    }
+    if info is not None:
+        doc.update(info())
+    return doc
