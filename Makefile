@@ -2,7 +2,7 @@
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
-DEB_PKGS := fuse3 libfuse3-dev pkg-config fio util-linux
+DEB_PKGS := fuse3 libfuse3-dev pkg-config fio util-linux prometheus
 STAMP    := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit bench deps venv install uninstall clean
@@ -33,6 +33,7 @@ venv: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check zcached tests bench
+	$(VENV)/bin/ruff format --check zcached tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy zcached

@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     names = discover()
     ap = argparse.ArgumentParser(prog="python -m bench", description="zcached benchmarks")
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds, not minutes)")
-    ap.add_argument("--only", nargs="+", metavar="NAME",
-                    help=f"run only these of: {' '.join(names)}")
+    ap.add_argument(
+        "--only", nargs="+", metavar="NAME", help=f"run only these of: {' '.join(names)}"
+    )
     ap.add_argument("--repeat", type=int, default=1, metavar="N", help="runs per module (medians)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
@@ -111,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         wanted = [n.removesuffix("_bench") for n in args.only]
         unknown = [n for n in wanted if n not in names]
         if unknown:
-            print(f"bench: unknown module(s) {' '.join(unknown)}; have: {' '.join(names)}",
-                  file=sys.stderr)
+            print(
+                f"bench: unknown module(s) {' '.join(unknown)}; have: {' '.join(names)}",
+                file=sys.stderr,
+            )
             return 2
         chosen = wanted
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -129,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     doc["argv"] = sys.argv[1:] if argv is None else argv
     failed = 0
     for name in chosen:
-        print(f"bench: running {name} ({'quick' if args.quick else 'full'}, x{args.repeat})",
-              file=sys.stderr)
+        print(
+            f"bench: running {name} ({'quick' if args.quick else 'full'}, x{args.repeat})",
+            file=sys.stderr,
+        )
         doc["modules"][name] = res = run_module(name, args.quick, args.repeat)
         failed += "error" in res
         tmp = latest.with_suffix(".tmp")  # save after each module: nothing lost on a later crash

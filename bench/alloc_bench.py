@@ -71,43 +71,63 @@ def _ours(objs: list[bytes], victims: list[int]) -> dict[str, Any]:
     if bad:
         raise AssertionError(f"xcfmalloc: {bad} objects read back wrong")
     st = a.stats()
-    fill = {"pool_bytes": st.pool_bytes, "requested_bytes": st.requested_bytes,
-            "pool_over_requested": _ratio(st.pool_bytes, st.requested_bytes),
-            "metadata_bytes": st.metadata_bytes,
-            "metadata_bytes_per_object": round(st.metadata_bytes / max(1, st.objects), 2)}
+    fill = {
+        "pool_bytes": st.pool_bytes,
+        "requested_bytes": st.requested_bytes,
+        "pool_over_requested": _ratio(st.pool_bytes, st.requested_bytes),
+        "metadata_bytes": st.metadata_bytes,
+        "metadata_bytes_per_object": round(st.metadata_bytes / max(1, st.objects), 2),
+    }
     t4 = time.perf_counter()
     for i in victims:
         a.free(handles[i])
     t5 = time.perf_counter()
     st = a.stats()
-    freed = {"pool_bytes": st.pool_bytes, "requested_bytes": st.requested_bytes,
-             "pool_over_requested": _ratio(st.pool_bytes, st.requested_bytes)}
+    freed = {
+        "pool_bytes": st.pool_bytes,
+        "requested_bytes": st.requested_bytes,
+        "pool_over_requested": _ratio(st.pool_bytes, st.requested_bytes),
+    }
     t6 = time.perf_counter()
     moved = a.compact()
     t7 = time.perf_counter()
     st = a.stats()
-    comp = {"pool_bytes": st.pool_bytes, "requested_bytes": st.requested_bytes,
-            "pool_over_requested": _ratio(st.pool_bytes, st.requested_bytes),
-            "metadata_bytes": st.metadata_bytes,
-            "metadata_bytes_per_object": round(st.metadata_bytes / max(1, st.objects), 2),
-            "objects_moved": moved, "compact_seconds": round(t7 - t6, 3)}
+    comp = {
+        "pool_bytes": st.pool_bytes,
+        "requested_bytes": st.requested_bytes,
+        "pool_over_requested": _ratio(st.pool_bytes, st.requested_bytes),
+        "metadata_bytes": st.metadata_bytes,
+        "metadata_bytes_per_object": round(st.metadata_bytes / max(1, st.objects), 2),
+        "objects_moved": moved,
+        "compact_seconds": round(t7 - t6, 3),
+    }
     gone = set(victims)
     # survivors intact after compaction
     for i, (h, o) in enumerate(zip(handles, objs, strict=True)):
         if i not in gone and a.read(h) != o:
             raise AssertionError("xcfmalloc: object changed by compaction")
     return {
-        "after_fill": fill, "after_free": freed, "after_compact": comp,
-        "ops_per_s": {"alloc": _ops(n, t1 - t0), "write": _ops(n, t2 - t1),
-                      "read": _ops(n, t3 - t2), "free": _ops(len(victims), t5 - t4)},
+        "after_fill": fill,
+        "after_free": freed,
+        "after_compact": comp,
+        "ops_per_s": {
+            "alloc": _ops(n, t1 - t0),
+            "write": _ops(n, t2 - t1),
+            "read": _ops(n, t3 - t2),
+            "free": _ops(len(victims), t5 - t4),
+        },
     }
 
 
 def _zram(data: bytes, victims: list[int]) -> dict[str, Any]:
     def pick(m: dict[str, int]) -> dict[str, Any]:
-        return {"mem_used_total": m["mem_used_total"], "compr_data_size": m["compr_data_size"],
-                "orig_data_size": m["orig_data_size"], "huge_pages": m["huge_pages"],
-                "mem_over_compr": _ratio(m["mem_used_total"], m["compr_data_size"])}
+        return {
+            "mem_used_total": m["mem_used_total"],
+            "compr_data_size": m["compr_data_size"],
+            "orig_data_size": m["orig_data_size"],
+            "huge_pages": m["huge_pages"],
+            "mem_over_compr": _ratio(m["mem_used_total"], m["compr_data_size"]),
+        }
 
     with Zram(len(data) + (4 << 20), algorithm="lz4") as z:
         z.write_pages(data)
@@ -133,12 +153,17 @@ def run(quick: bool) -> dict[str, Any]:
     vs = {k: _ratio(ours[k]["pool_bytes"], zr[k]["mem_used_total"]) for k in points}
     # The kernel's LZ4 and python-lz4 give slightly different sizes for the same page, so
     # pool/zram mem mixes compressor and allocator; this one compares the allocators alone.
-    overhead = {k: round(ours[k]["pool_over_requested"] / zr[k]["mem_over_compr"], 4)
-                for k in points}
+    overhead = {
+        k: round(ours[k]["pool_over_requested"] / zr[k]["mem_over_compr"], 4) for k in points
+    }
     return {
-        "pages": n, "corpus_MiB": nbytes >> 20,
-        "compressed_bytes": sum(len(o) for o in objs), "raw_pages": raw,
-        "xcfmalloc": ours, "zram_lz4": zr, "pool_over_zram_mem_used": vs,
+        "pages": n,
+        "corpus_MiB": nbytes >> 20,
+        "compressed_bytes": sum(len(o) for o in objs),
+        "raw_pages": raw,
+        "xcfmalloc": ours,
+        "zram_lz4": zr,
+        "pool_over_zram_mem_used": vs,
         "overhead_over_zram_overhead": overhead,
         "goals_pool_over_requested": GOALS,
         "zsmalloc_measured_mem_over_compr": ZSMALLOC_MEASURED,
@@ -148,16 +173,22 @@ def run(quick: bool) -> dict[str, Any]:
 
 def summary(res: dict[str, Any]) -> str:
     x, z = res["xcfmalloc"], res["zram_lz4"]
-    lines = [f"alloc: {res['pages']} pages ({res['corpus_MiB']} MiB), "
-             f"{res['compressed_bytes'] / 2**20:.1f} MiB compressed"]
+    lines = [
+        f"alloc: {res['pages']} pages ({res['corpus_MiB']} MiB), "
+        f"{res['compressed_bytes'] / 2**20:.1f} MiB compressed"
+    ]
     for k in ("after_fill", "after_free", "after_compact"):
         g = GOALS.get(k)
         goal = f" (goal <= {g}, zsmalloc here {ZSMALLOC_MEASURED[k]})" if g else ""
-        lines.append(f"  {k:13s} pool/requested {x[k]['pool_over_requested']:.4f}{goal}; "
-                     f"zram mem/compr {z[k]['mem_over_compr']:.4f}; "
-                     f"pool/zram mem {res['pool_over_zram_mem_used'][k]:.4f}")
-    lines.append(f"  metadata B/object {x['after_fill']['metadata_bytes_per_object']}; ops/s "
-                 + ", ".join(f"{k} {v:,.0f}" for k, v in x["ops_per_s"].items()))
+        lines.append(
+            f"  {k:13s} pool/requested {x[k]['pool_over_requested']:.4f}{goal}; "
+            f"zram mem/compr {z[k]['mem_over_compr']:.4f}; "
+            f"pool/zram mem {res['pool_over_zram_mem_used'][k]:.4f}"
+        )
+    lines.append(
+        f"  metadata B/object {x['after_fill']['metadata_bytes_per_object']}; ops/s "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in x["ops_per_s"].items())
+    )
     return "\n".join(lines)
 
 

@@ -138,7 +138,9 @@ def capture_pages(pid: int) -> list[bytes]:
 def _run_and_capture(prog: str, cap: int) -> list[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-c", prog, str(cap)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -183,16 +185,22 @@ def heap_pages(nbytes: int, *, cache: bool = True, verbose: bool = True) -> byte
         tmp.write_bytes(data)
         os.replace(tmp, path)
         (RESULTS / f"corpus-{nbytes}.json").write_text(
-            "{" + ", ".join(f'"{k}": {v}' for k, v in info.items()) + "}\n")
+            "{" + ", ".join(f'"{k}": {v}' for k, v in info.items()) + "}\n"
+        )
     if verbose:
         import lz4.block
 
         sample = data[: 64 << 20]
-        comp = sum(len(lz4.block.compress(sample[i : i + PAGE], store_size=False))
-                   for i in range(0, len(sample), PAGE))
-        print(f"corpus: {info['pages']} pages, {info['unique_pages']} unique "
-              f"(ast {info['ast_pages']}, json {info['json_pages']}), "
-              f"lz4 ratio {len(sample) / max(1, comp):.2f}", file=sys.stderr)
+        comp = sum(
+            len(lz4.block.compress(sample[i : i + PAGE], store_size=False))
+            for i in range(0, len(sample), PAGE)
+        )
+        print(
+            f"corpus: {info['pages']} pages, {info['unique_pages']} unique "
+            f"(ast {info['ast_pages']}, json {info['json_pages']}), "
+            f"lz4 ratio {len(sample) / max(1, comp):.2f}",
+            file=sys.stderr,
+        )
     return data
 
 

@@ -41,14 +41,21 @@ def machine() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             pkgs[p] = None
     try:
-        fio = subprocess.run(["fio", "--version"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+        fio = subprocess.run(
+            ["fio", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         fio = None
-    return {"cpu": cpu, "nproc": os.cpu_count(), "memory_bytes": mem,
-            "kernel": platform.release(), "python": platform.python_version(),
-            "packages": pkgs, "fio": fio,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "memory_bytes": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": pkgs,
+        "fio": fio,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -81,16 +88,26 @@ def _spread_of(spread: Any, path: str) -> Any:
 def write_markdown(doc: dict[str, Any], out: Path) -> None:
     m = doc.get("machine", {})
     argv = " ".join(doc.get("argv", []))
-    lines = ["# zcached benchmark report", "",
-             f"Generated {doc.get('date')} by `python -m bench {argv}`.", "",
-             "| machine | |", "|---|---|"]
+    lines = [
+        "# zcached benchmark report",
+        "",
+        f"Generated {doc.get('date')} by `python -m bench {argv}`.",
+        "",
+        "| machine | |",
+        "|---|---|",
+    ]
     for k, v in leaves(m):
         lines.append(f"| {k} | {_fmt(v)} |")
     for name, res in sorted(doc.get("modules", {}).items()):
-        lines += ["", f"## {name}", "",
-                  f"{'quick' if res.get('quick') else 'full'} run, "
-                  f"{res.get('repeat', 1)} repeat(s), "
-                  f"{res.get('seconds')} s, {res.get('date')}", ""]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            f"{'quick' if res.get('quick') else 'full'} run, "
+            f"{res.get('repeat', 1)} repeat(s), "
+            f"{res.get('seconds')} s, {res.get('date')}",
+            "",
+        ]
         if "error" in res:
             lines += [f"**FAILED**: `{res['error']}`"]
             continue
@@ -111,8 +128,9 @@ def _pick(doc: dict[str, Any], kind: str) -> list[Leaf]:
             key = path.rsplit(".", 1)[-1].lower()
             p = path.lower()
             if kind == "ratios":
-                ok = ("_over_" in p or "ratio" in key or "vs_zram" in p or "to_zram" in p) \
-                    and 0 < v < 100
+                ok = (
+                    "_over_" in p or "ratio" in key or "vs_zram" in p or "to_zram" in p
+                ) and 0 < v < 100
             elif kind == "throughput":
                 ok = "ops_per_s" in p or "mb_s" in key or "mib_s" in key or "iops" in key
             else:
@@ -130,9 +148,11 @@ def write_plots(doc: dict[str, Any], outdir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     made = []
-    titles = {"ratios": ("ratios (1.0 = parity; pool/requested, ours/zram)", "ratio"),
-              "throughput": ("throughput", "ops/s or MB/s (log)"),
-              "memory": ("memory", "MiB")}
+    titles = {
+        "ratios": ("ratios (1.0 = parity; pool/requested, ours/zram)", "ratio"),
+        "throughput": ("throughput", "ops/s or MB/s (log)"),
+        "memory": ("memory", "MiB"),
+    }
     for kind, (title, xlabel) in titles.items():
         pts = _pick(doc, kind)[:60]
         path = outdir / f"{kind}.png"

@@ -24,8 +24,15 @@ DEV = "/dev/zram0"
 SYS = Path("/sys/block/zram0")
 BLKDISCARD = 0x1277  # _IO(0x12, 119)
 MM_STAT_FIELDS = (
-    "orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
-    "same_pages", "pages_compacted", "huge_pages", "huge_pages_since",
+    "orig_data_size",
+    "compr_data_size",
+    "mem_used_total",
+    "mem_limit",
+    "mem_used_max",
+    "same_pages",
+    "pages_compacted",
+    "huge_pages",
+    "huge_pages_since",
 )
 IO_STAT_FIELDS = ("failed_reads", "failed_writes", "invalid_io", "notify_free")
 
@@ -58,8 +65,9 @@ class Zram:
         if not SYS.exists():
             ctl = Path("/sys/class/zram-control/hot_add")
             if not ctl.exists():
-                raise ZramBusyError("zram: no /sys/block/zram0 and no zram-control "
-                                    "(zram module not loaded)")
+                raise ZramBusyError(
+                    "zram: no /sys/block/zram0 and no zram-control (zram module not loaded)"
+                )
             ctl.read_text()  # creates the lowest free zramN; zram0 if none exists
             if not SYS.exists():
                 raise ZramBusyError("zram: hot_add did not create zram0")
@@ -78,8 +86,9 @@ class Zram:
             raise
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:

@@ -27,10 +27,16 @@ def _disksize() -> int:
 
 def test_capture_reads_live_process_memory() -> None:
     token = secrets.token_hex(16)
-    prog = ("import sys; t = sys.argv[1]; keep = [t * 64 + str(i) for i in range(4000)]; "
-            "print('ready', flush=True); sys.stdin.read()")
-    p = subprocess.Popen([sys.executable, "-c", prog, token], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+    prog = (
+        "import sys; t = sys.argv[1]; keep = [t * 64 + str(i) for i in range(4000)]; "
+        "print('ready', flush=True); sys.stdin.read()"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", prog, token],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert p.stdout is not None and p.stdout.readline().startswith("ready")
         pages = corpus.capture_pages(p.pid)
@@ -94,9 +100,11 @@ def test_zram_resets_on_error_and_after_swapon() -> None:
 
 
 def test_aggregate_medians_and_spread() -> None:
-    runs = [{"a": 1, "b": {"c": 3.0, "s": "x"}, "ok": True},
-            {"a": 5, "b": {"c": 1.0, "s": "y"}, "ok": False},
-            {"a": 2, "b": {"c": 2.0, "s": "z"}, "ok": True}]
+    runs = [
+        {"a": 1, "b": {"c": 3.0, "s": "x"}, "ok": True},
+        {"a": 5, "b": {"c": 1.0, "s": "y"}, "ok": False},
+        {"a": 2, "b": {"c": 2.0, "s": "z"}, "ok": True},
+    ]
     med, spread = aggregate(runs)
     assert med == {"a": 2, "b": {"c": 2.0, "s": "x"}, "ok": True}
     assert spread == {"a": [1, 5], "b": {"c": [1.0, 3.0]}}
