@@ -1,0 +1,198 @@
+"""Configuration: TOML file + flag overrides -> one validated, frozen ``Config``.
+
+Owns: the key names, their types and defaults, size parsing ("512M", "4096", "50%"), and
+one-line error messages naming the key and the problem. Must NOT: touch the system (mount,
+attach, bind, lock memory) or print/exit; it raises ``ConfigError`` and the CLI prints it.
+
+Invariant: a ``Config`` that exists is valid (size a positive multiple of 4096, known
+compressor, level in range, listen address parsed); everything downstream trusts it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+PAGE = 4096
+DEFAULT_CONFIG = "/etc/zcached/zcached.toml"
+DEFAULT_MOUNTPOINT = "/run/zcached"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9273"
+DEFAULT_SWAP_PRIORITY = 100  # above disk swap (swapon's default priorities are negative)
+DEFAULT_SIZE_PERCENT = 50  # of RAM ...
+DEFAULT_SIZE_CAP = 64 << 30  # ... capped at 64 GiB
+COMPRESSORS = ("lz4", "zstd")
+LEVELS = {"lz4": (1, 12), "zstd": (-7, 22)}
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message is one human line naming the key."""
+
+
+@dataclass(frozen=True)
+class Compaction:
+    fragmentation: float = 0.3  # compact when wasted / pool bytes exceeds this
+    cpu_budget: float = 0.05  # fraction of one CPU the compactor may use
+    interval: float = 10.0  # seconds between checks
+
+
+@dataclass(frozen=True)
+class Config:
+    size: int
+    compressor: str = "lz4"
+    level: int | None = None
+    mem_limit: int = 0
+    mountpoint: str = DEFAULT_MOUNTPOINT
+    swap: bool = True
+    swap_priority: int = DEFAULT_SWAP_PRIORITY
+    metrics_listen: str = DEFAULT_METRICS_LISTEN
+    compaction: Compaction = field(default_factory=Compaction)
+
+    @property
+    def metrics_addr(self) -> tuple[str, int]:
+        return parse_listen(self.metrics_listen, "metrics_listen")
+
+
+def ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_size() -> int:
+    size = min(ram_bytes() * DEFAULT_SIZE_PERCENT // 100, DEFAULT_SIZE_CAP)
+    return max(PAGE, size // PAGE * PAGE)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def parse_size(value: object, key: str, *, allow_percent: bool = True,
+               allow_zero: bool = False, page_multiple: bool = True) -> int:
+    """Bytes from an int, "N", "N[KMGT]" or (if allowed) "P%" of RAM."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size, got a boolean")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str):
+        s = value.strip()
+        if allow_percent and s.endswith("%"):
+            try:
+                pct = float(s[:-1])
+            except ValueError:
+                raise ConfigError(f"{key}: bad percentage {value!r}") from None
+            if not 0 < pct <= 100:
+                raise ConfigError(f"{key}: percentage must be in (0, 100], got {value!r}")
+            n = int(ram_bytes() * pct / 100) // PAGE * PAGE
+        else:
+            m = _SIZE_RE.match(s)
+            if not m:
+                raise ConfigError(f"{key}: bad size {value!r} (bytes or K/M/G/T suffix)")
+            n = int(m.group(1)) << _SHIFT[m.group(2).upper()]
+    else:
+        raise ConfigError(f"{key}: expected a size, got {type(value).__name__}")
+    if n < 0 or (n == 0 and not allow_zero):
+        raise ConfigError(f"{key}: size must be positive, got {value!r}")
+    if page_multiple and n % PAGE:
+        raise ConfigError(f"{key}: size must be a multiple of {PAGE}, got {value!r} ({n} bytes)")
+    return n
+
+
+def parse_listen(value: str, key: str) -> tuple[str, int]:
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port_s)
+
+
+def _typed(key: str, value: object, kind: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{key}: expected {what}, got a boolean")
+    if kind is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+_TOP_KEYS = {"size", "compressor", "level", "mem_limit", "mountpoint", "swap",
+             "swap_priority", "metrics_listen", "compaction"}
+_COMPACTION_KEYS = {"fragmentation", "cpu_budget", "interval"}
+
+
+def load_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    return data
+
+
+def build(raw: dict[str, Any]) -> Config:
+    """Validate a dict of keys (file values already overridden by flags) into a Config."""
+    for k in raw:
+        if k not in _TOP_KEYS:
+            raise ConfigError(f"unknown key {k!r}")
+    comp = raw.get("compressor", "lz4")
+    comp = _typed("compressor", comp, str, "a string")
+    if comp not in COMPRESSORS:
+        raise ConfigError(f"compressor: must be one of {', '.join(COMPRESSORS)}, got {comp!r}")
+    level = raw.get("level")
+    if level is not None:
+        level = _typed("level", level, int, "an integer")
+        lo, hi = LEVELS[comp]
+        if not lo <= level <= hi:
+            raise ConfigError(f"level: {comp} level must be in [{lo}, {hi}], got {level}")
+    size = parse_size(raw["size"], "size") if "size" in raw else default_size()
+    mem_limit = parse_size(raw.get("mem_limit", 0), "mem_limit", allow_zero=True,
+                           page_multiple=False)
+    mountpoint = _typed("mountpoint", raw.get("mountpoint", DEFAULT_MOUNTPOINT), str, "a path")
+    if not os.path.isabs(mountpoint):
+        raise ConfigError(f"mountpoint: must be an absolute path, got {mountpoint!r}")
+    swap = _typed("swap", raw.get("swap", True), bool, "true or false")
+    prio = _typed("swap_priority", raw.get("swap_priority", DEFAULT_SWAP_PRIORITY), int,
+                  "an integer")
+    if not -1 <= prio <= 32767:
+        raise ConfigError(f"swap_priority: must be in [-1, 32767], got {prio}")
+    listen = _typed("metrics_listen", raw.get("metrics_listen", DEFAULT_METRICS_LISTEN), str,
+                    "HOST:PORT")
+    parse_listen(listen, "metrics_listen")
+    craw = raw.get("compaction", {})
+    if not isinstance(craw, dict):
+        raise ConfigError("compaction: expected a table [compaction]")
+    for k in craw:
+        if k not in _COMPACTION_KEYS:
+            raise ConfigError(f"unknown key 'compaction.{k}'")
+    frag = _typed("compaction.fragmentation", craw.get("fragmentation", 0.3), float, "a number")
+    if not 0.0 < frag < 1.0:
+        raise ConfigError(f"compaction.fragmentation: must be in (0, 1), got {frag}")
+    cpu = _typed("compaction.cpu_budget", craw.get("cpu_budget", 0.05), float, "a number")
+    if not 0.0 < cpu <= 1.0:
+        raise ConfigError(f"compaction.cpu_budget: must be in (0, 1], got {cpu}")
+    interval = _typed("compaction.interval", craw.get("interval", 10.0), float, "a number")
+    if interval <= 0:
+        raise ConfigError(f"compaction.interval: must be positive, got {interval}")
+    return Config(size=size, compressor=comp, level=level, mem_limit=mem_limit,
+                  mountpoint=mountpoint, swap=swap, swap_priority=prio, metrics_listen=listen,
+                  compaction=Compaction(frag, cpu, interval))
+
+
+def load(path: str | None, overrides: dict[str, Any]) -> Config:
+    """File at ``path`` (or the default file if it exists) overridden by non-None flags."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = load_file(path)
+    elif os.path.exists(DEFAULT_CONFIG):
+        raw = load_file(DEFAULT_CONFIG)
+    raw = dict(raw)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return build(raw)
+
+
+__all__ = ["Config", "Compaction", "ConfigError", "load", "build", "parse_size", "replace"]
