@@ -31,37 +31,100 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zcached", description="userspace compressed swap daemon")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run the daemon in the foreground")
-    r.add_argument("--config", metavar="FILE",
-                   help=f"TOML config (default {cfgmod.DEFAULT_CONFIG} if it exists)")
-    r.add_argument("--size", metavar="SIZE",
-                   help="device size: bytes, K/M/G suffix or %% of RAM; multiple of 4096 "
-                        "(default 50%% of RAM, at most 64G)")
-    r.add_argument("--mountpoint", metavar="DIR",
-                   help=f"FUSE mount point (default {cfgmod.DEFAULT_MOUNTPOINT})")
-    r.add_argument("--metrics-listen", metavar="HOST:PORT",
-                   help=f"Prometheus exporter address (default {cfgmod.DEFAULT_METRICS_LISTEN})")
+    r.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"TOML config (default {cfgmod.DEFAULT_CONFIG} if it exists)",
+    )
+    r.add_argument(
+        "--size",
+        metavar="SIZE",
+        help="device size: bytes, K/M/G suffix or %% of RAM; multiple of 4096 "
+        "(default 50%% of RAM, at most 64G)",
+    )
+    r.add_argument(
+        "--mountpoint",
+        metavar="DIR",
+        help=f"FUSE mount point (default {cfgmod.DEFAULT_MOUNTPOINT})",
+    )
+    r.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help=f"Prometheus exporter address (default {cfgmod.DEFAULT_METRICS_LISTEN})",
+    )
     g = r.add_mutually_exclusive_group()
-    g.add_argument("--swap", dest="swap", action="store_true", default=None,
-                   help="attach a loop device and swapon it (default)")
-    g.add_argument("--no-swap", dest="swap", action="store_false",
-                   help="only serve the file")
+    g.add_argument(
+        "--swap",
+        dest="swap",
+        action="store_true",
+        default=None,
+        help="attach a loop device and swapon it (default)",
+    )
+    g.add_argument("--no-swap", dest="swap", action="store_false", help="only serve the file")
     r.add_argument("--compressor", choices=cfgmod.COMPRESSORS, help="default lz4")
     r.add_argument("--level", type=int, metavar="N", help="compression level")
     r.add_argument("--mem-limit", metavar="SIZE", help="cap on pool memory (0 = none)")
-    r.add_argument("--swap-priority", type=int, metavar="N",
-                   help=f"swapon priority (default {cfgmod.DEFAULT_SWAP_PRIORITY}, above disk)")
+    r.add_argument(
+        "--swap-priority",
+        type=int,
+        metavar="N",
+        help=f"swapon priority (default {cfgmod.DEFAULT_SWAP_PRIORITY}, above disk)",
+    )
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    st = sub.add_parser("status", help="zramctl-like table from the running daemon")
+    st.add_argument("--json", action="store_true", help="print the raw status document")
+    st.add_argument("--config", metavar="FILE", help="read metrics_listen from this config")
+    st.add_argument("--metrics-listen", metavar="HOST:PORT", help="daemon's exporter address")
+    c = sub.add_parser("compact", help="ask the running daemon to compact its pool now")
+    c.add_argument("--config", metavar="FILE", help="read mountpoint from this config")
+    c.add_argument("--mountpoint", metavar="DIR", help="the daemon's mountpoint")
     return p
+
+
+def _status(args: argparse.Namespace) -> int:
+    from zcached import status
+
+    try:
+        cfg = cfgmod.load(args.config, {"metrics_listen": args.metrics_listen})
+    except cfgmod.ConfigError as e:
+        return _die(str(e), 2)
+    return status.main(["--metrics-listen", cfg.metrics_listen] + (["--json"] if args.json else []))
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from zcached import daemon
+
+    try:
+        cfg = cfgmod.load(args.config, {"mountpoint": args.mountpoint})
+        pid = daemon.request_compaction(cfg.mountpoint)
+    except (cfgmod.ConfigError, daemon.DaemonError) as e:
+        return _die(str(e), 2 if isinstance(e, cfgmod.ConfigError) else 1)
+    except OSError as e:
+        return _die(f"cannot signal the daemon: {e.strerror or e}", 1)
+    print(f"zcached: compaction requested from pid {pid}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="zcached: %(message)s", stream=sys.stderr)
+    if args.cmd == "status":
+        return _status(args)
+    if args.cmd == "compact":
+        return _compact(args)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="zcached: %(message)s",
+        stream=sys.stderr,
+    )
     overrides = {
-        "size": args.size, "mountpoint": args.mountpoint, "metrics_listen": args.metrics_listen,
-        "swap": args.swap, "compressor": args.compressor, "level": args.level,
-        "mem_limit": args.mem_limit, "swap_priority": args.swap_priority,
+        "size": args.size,
+        "mountpoint": args.mountpoint,
+        "metrics_listen": args.metrics_listen,
+        "swap": args.swap,
+        "compressor": args.compressor,
+        "level": args.level,
+        "mem_limit": args.mem_limit,
+        "swap_priority": args.swap_priority,
     }
     try:
         cfg = cfgmod.load(args.config, overrides)
@@ -70,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from zcached import daemon
     from zcached.fuse import MountError
     from zcached.swap import SwapError
+
     try:
         return daemon.run(cfg)
     except (daemon.DaemonError, MountError, SwapError) as e:
@@ -80,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         return _die(str(e), 1)
     except KeyboardInterrupt:
         return 1
+    except Exception as e:  # a bug: one line, the traceback only with -v
+        logging.getLogger("zcached").debug("internal error", exc_info=True)
+        return _die(f"internal error: {type(e).__name__}: {e} (run with -v for details)", 1)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,14 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 
 
-def parse_size(value: object, key: str, *, allow_percent: bool = True,
-               allow_zero: bool = False, page_multiple: bool = True) -> int:
+def parse_size(
+    value: object,
+    key: str,
+    *,
+    allow_percent: bool = True,
+    allow_zero: bool = False,
+    page_multiple: bool = True,
+) -> int:
     """Bytes from an int, "N", "N[KMGT]" or (if allowed) "P%" of RAM."""
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a size, got a boolean")
@@ -116,8 +122,17 @@ def _typed(key: str, value: object, kind: type | tuple[type, ...], what: str) ->
     return value
 
 
-_TOP_KEYS = {"size", "compressor", "level", "mem_limit", "mountpoint", "swap",
-             "swap_priority", "metrics_listen", "compaction"}
+_TOP_KEYS = {
+    "size",
+    "compressor",
+    "level",
+    "mem_limit",
+    "mountpoint",
+    "swap",
+    "swap_priority",
+    "metrics_listen",
+    "compaction",
+}
 _COMPACTION_KEYS = {"fragmentation", "cpu_budget", "interval"}
 
 
@@ -150,18 +165,21 @@ def build(raw: dict[str, Any]) -> Config:
         if not lo <= level <= hi:
             raise ConfigError(f"level: {comp} level must be in [{lo}, {hi}], got {level}")
     size = parse_size(raw["size"], "size") if "size" in raw else default_size()
-    mem_limit = parse_size(raw.get("mem_limit", 0), "mem_limit", allow_zero=True,
-                           page_multiple=False)
+    mem_limit = parse_size(
+        raw.get("mem_limit", 0), "mem_limit", allow_zero=True, page_multiple=False
+    )
     mountpoint = _typed("mountpoint", raw.get("mountpoint", DEFAULT_MOUNTPOINT), str, "a path")
     if not os.path.isabs(mountpoint):
         raise ConfigError(f"mountpoint: must be an absolute path, got {mountpoint!r}")
     swap = _typed("swap", raw.get("swap", True), bool, "true or false")
-    prio = _typed("swap_priority", raw.get("swap_priority", DEFAULT_SWAP_PRIORITY), int,
-                  "an integer")
+    prio = _typed(
+        "swap_priority", raw.get("swap_priority", DEFAULT_SWAP_PRIORITY), int, "an integer"
+    )
     if not -1 <= prio <= 32767:
         raise ConfigError(f"swap_priority: must be in [-1, 32767], got {prio}")
-    listen = _typed("metrics_listen", raw.get("metrics_listen", DEFAULT_METRICS_LISTEN), str,
-                    "HOST:PORT")
+    listen = _typed(
+        "metrics_listen", raw.get("metrics_listen", DEFAULT_METRICS_LISTEN), str, "HOST:PORT"
+    )
     parse_listen(listen, "metrics_listen")
     craw = raw.get("compaction", {})
     if not isinstance(craw, dict):
@@ -178,9 +196,17 @@ def build(raw: dict[str, Any]) -> Config:
     interval = _typed("compaction.interval", craw.get("interval", 10.0), float, "a number")
     if interval <= 0:
         raise ConfigError(f"compaction.interval: must be positive, got {interval}")
-    return Config(size=size, compressor=comp, level=level, mem_limit=mem_limit,
-                  mountpoint=mountpoint, swap=swap, swap_priority=prio, metrics_listen=listen,
-                  compaction=Compaction(frag, cpu, interval))
+    return Config(
+        size=size,
+        compressor=comp,
+        level=level,
+        mem_limit=mem_limit,
+        mountpoint=mountpoint,
+        swap=swap,
+        swap_priority=prio,
+        metrics_listen=listen,
+        compaction=Compaction(frag, cpu, interval),
+    )
 
 
 def load(path: str | None, overrides: dict[str, Any]) -> Config:
@@ -195,4 +221,4 @@ def load(path: str | None, overrides: dict[str, Any]) -> Config:
     return build(raw)
 
 
-__all__ = ["Config", "Compaction", "ConfigError", "load", "build", "parse_size", "replace"]
+__all__ = ["Compaction", "Config", "ConfigError", "build", "load", "parse_size", "replace"]

@@ -19,21 +19,26 @@ import ctypes
 import ctypes.util
 import fcntl
 import hashlib
+import itertools
 import logging
 import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from zcached.config import Config
 from zcached import swap as swapmod
+from zcached.compactor import CompactionPolicy, Compactor
+from zcached.config import Config
+from zcached.xcfmalloc import XcfMalloc
 
 log = logging.getLogger("zcached")
 
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 PR_SET_IO_FLUSHER = 57
-THREAD_STACK = 1 << 20  # 256 KiB overflowed (segfault) under 1 MiB FUSE writes; ONFAULT locks only touched pages
+# 256 KiB stacks overflowed (segfault) under 1 MiB FUSE writes; MCL_ONFAULT locks only the
+# stack pages a thread really touches, so 1 MiB costs little.
+THREAD_STACK = 1 << 20
 LOCK_DIR = "/run/lock"
 
 
@@ -47,17 +52,28 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 def lock_memory() -> bool:
     threading.stack_size(THREAD_STACK)  # before any thread starts: locked stacks stay small
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
-        log.warning("mlockall failed: %s (daemon memory may be swapped out)",
-                    os.strerror(ctypes.get_errno()))
+        log.warning(
+            "mlockall failed: %s (daemon memory may be swapped out)",
+            os.strerror(ctypes.get_errno()),
+        )
         return False
     return True
 
 
+_flusher_warned = threading.Event()
+
+
 def set_io_flusher() -> bool:
-    """PR_SET_IO_FLUSHER on the calling thread (FUSE workers call this via thread_init)."""
+    """PR_SET_IO_FLUSHER on the calling thread (every daemon thread calls it); warns once."""
     if _libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_IO_FLUSHER) failed on thread %s: %s",
-                    threading.current_thread().name, os.strerror(ctypes.get_errno()))
+        level = logging.DEBUG if _flusher_warned.is_set() else logging.WARNING
+        _flusher_warned.set()
+        log.log(
+            level,
+            "prctl(PR_SET_IO_FLUSHER) failed on thread %s: %s (needs CAP_SYS_RESOURCE)",
+            threading.current_thread().name,
+            os.strerror(ctypes.get_errno()),
+        )
         return False
     return True
 
@@ -97,14 +113,18 @@ def check_listen(host: str, port: int) -> None:
         raise DaemonError(f"metrics address {host}:{port}: {e.strerror or e}") from None
 
 
-@contextlib.contextmanager
-def instance_lock(mountpoint: str) -> Iterator[None]:
-    """One daemon per mountpoint: an flock held for the daemon's lifetime."""
+def lock_path(mountpoint: str) -> str:
     real = os.path.realpath(mountpoint)
     name = hashlib.sha256(real.encode()).hexdigest()[:16]
+    return os.path.join(LOCK_DIR, f"zcached-{name}.lock")
+
+
+@contextlib.contextmanager
+def instance_lock(mountpoint: str) -> Iterator[None]:
+    """One daemon per mountpoint: an flock held for the daemon's lifetime, holding its pid."""
+    real = os.path.realpath(mountpoint)
     os.makedirs(LOCK_DIR, exist_ok=True)
-    path = os.path.join(LOCK_DIR, f"zcached-{name}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(lock_path(mountpoint), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -115,6 +135,33 @@ def instance_lock(mountpoint: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def running_pid(mountpoint: str) -> int:
+    """Pid of the daemon serving ``mountpoint``; DaemonError if none holds its lock."""
+    real = os.path.realpath(mountpoint)
+    try:
+        fd = os.open(lock_path(mountpoint), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise DaemonError(f"no zcached is running on {real}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: the daemon is alive
+            text = os.pread(fd, 256, 0).decode(errors="replace").split()
+            if text and text[0].isdigit():
+                return int(text[0])
+            raise DaemonError(f"lock file of {real} has no pid") from None
+        raise DaemonError(f"no zcached is running on {real}")
+    finally:
+        os.close(fd)
+
+
+def request_compaction(mountpoint: str) -> int:
+    """``zcached compact``: SIGUSR1 to the daemon on ``mountpoint``; returns its pid."""
+    pid = running_pid(mountpoint)
+    os.kill(pid, signal.SIGUSR1)
+    return pid
 
 
 def check_mountpoint(mountpoint: str) -> None:
@@ -133,40 +180,114 @@ def preflight(cfg: Config) -> None:
     check_listen(host, port)
 
 
-def run(cfg: Config) -> int:
-    """Run until SIGTERM/SIGINT. Raises DaemonError/MountError/SwapError on start-up failure."""
+def io_threads() -> int:
+    """FUSE worker threads: measured, 1-2 beat 4 on 2 cores (GIL); see docs/fuse-layer.md."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def compaction_policy(cfg: Config) -> CompactionPolicy:
+    """Config's ``fragmentation`` (wasted / pool bytes) as the compactor's pool/requested ratio."""
+    c = cfg.compaction
+    return CompactionPolicy(
+        interval=c.interval, min_ratio=1.0 / (1.0 - c.fragmentation), cpu_budget=c.cpu_budget
+    )
+
+
+def _flusher_init() -> None:
+    set_io_flusher()
+
+
+def _worker_init(pool: XcfMalloc) -> Callable[[], None]:
+    """thread_init for FUSE workers: IO_FLUSHER, and worker k allocates from Hoard heap k."""
+    ids = itertools.count(1)
+
+    def init() -> None:
+        set_io_flusher()
+        pool.bind_heap(next(ids))
+
+    return init
+
+
+def _serve(cfg: Config, stack: contextlib.ExitStack, stop: threading.Event) -> None:
+    """Enter every part on ``stack`` in order; return once ready (or when ``stop`` is set)."""
     from zcached.fuse import FuseServer
+    from zcached.metrics import start_exporter
     from zcached.store import PageStore
 
+    nthreads = io_threads()
+    pool = XcfMalloc(max_pool_bytes=cfg.mem_limit or None, heaps=nthreads)
+    store = PageStore(
+        cfg.size,
+        compressor=cfg.compressor,
+        level=cfg.level,
+        mem_limit=cfg.mem_limit,
+        allocator=pool,
+    )
+    stack.callback(store.close)
+    info: dict[str, object] = {
+        "algorithm": cfg.compressor,
+        "mountpoint": os.path.realpath(cfg.mountpoint),
+        "loop_device": None,
+        "swap_priority": cfg.swap_priority if cfg.swap else None,
+        "pid": os.getpid(),
+    }
+    server = FuseServer(
+        store, cfg.mountpoint, cfg.size, threads=nthreads, thread_init=_worker_init(pool)
+    )
+    info["device"] = server.image_path
+    server.mount()
+    stack.callback(server.stop)
+    server.start()
+    compactor = Compactor(pool, compaction_policy(cfg), thread_init=_flusher_init)
+    compactor.start()
+    stack.callback(compactor.stop)
+    signal.signal(signal.SIGUSR1, lambda _s, _f: compactor.trigger())
+    try:
+        exporter = start_exporter(
+            cfg.metrics_listen, store, fuse=server, compactor=compactor, info=lambda: info
+        )
+    except OSError as e:
+        raise DaemonError(f"metrics address {cfg.metrics_listen}: {e.strerror or e}") from None
+    stack.callback(exporter.close)
+    if stop.is_set():
+        return
+    if cfg.swap:
+        dev = stack.enter_context(swapmod.loop(server.image_path))
+        info["loop_device"] = dev
+        stack.enter_context(swapmod.swap_on(dev, cfg.swap_priority))
+        log.info(
+            "ready: swap on %s (%s, %d bytes, priority %d), metrics on %s",
+            dev, server.image_path, cfg.size, cfg.swap_priority, cfg.metrics_listen,
+        )  # fmt: skip
+    else:
+        log.info(
+            "ready: %s (%d bytes, no swap), metrics on %s",
+            server.image_path, cfg.size, cfg.metrics_listen,
+        )  # fmt: skip
+
+
+def run(cfg: Config) -> int:
+    """Run until SIGTERM/SIGINT. Raises DaemonError/MountError/SwapError on start-up failure."""
     preflight(cfg)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    old = {s: signal.getsignal(s) for s in handled}
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the compactor exists
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(instance_lock(cfg.mountpoint))
             lock_memory()
             protect_from_oom()
             set_io_flusher()
-            store = PageStore(cfg.size, compressor=cfg.compressor, level=cfg.level,
-                              mem_limit=cfg.mem_limit)
-            stack.callback(store.close)
-            server = FuseServer(store, cfg.mountpoint, cfg.size, thread_init=set_io_flusher)
-            server.mount()
-            stack.callback(server.stop)
-            server.start()
+            _serve(cfg, stack, stop)
             if stop.is_set():
                 return 0
-            if cfg.swap:
-                dev = stack.enter_context(swapmod.loop(server.image_path))
-                stack.enter_context(swapmod.swap_on(dev, cfg.swap_priority))
-                log.info("ready: swap on %s size %d bytes loop %s priority %d",
-                         server.image_path, cfg.size, dev, cfg.swap_priority)
-            else:
-                log.info("ready: %s size %d bytes (no swap)", server.image_path, cfg.size)
             sd_notify("READY=1")
             while not stop.wait(1.0):
                 pass
