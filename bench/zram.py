@@ -22,6 +22,7 @@ from types import TracebackType
 
 DEV = "/dev/zram0"
 SYS = Path("/sys/block/zram0")
+LOCK = "/run/lock/zcached-bench-zram.lock"
 BLKDISCARD = 0x1277  # _IO(0x12, 119)
 MM_STAT_FIELDS = (
     "orig_data_size",
@@ -55,13 +56,34 @@ class Zram:
     """``with Zram(disksize, "lz4") as z: z.write_pages(data); z.mm_stat()`` on /dev/zram0."""
 
     path = DEV
+    _held = False  # this process holds LOCK
 
     def __init__(self, disksize_bytes: int, algorithm: str = "lz4") -> None:
+        self._lock_fd = -1
         self.disksize = disksize_bytes
         self.algorithm = algorithm
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Zram:
+        # One process using zram0 at a time on this machine: concurrent benchmark runs queue
+        # here.  Inside one process a nested Zram skips the lock and meets _in_use() instead.
+        if not Zram._held:
+            self._lock_fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            Zram._held = True
+        try:
+            return self._enter()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            Zram._held = False
+
+    def _enter(self) -> Zram:
         if not SYS.exists():
             ctl = Path("/sys/class/zram-control/hot_add")
             if not ctl.exists():
@@ -96,7 +118,10 @@ class Zram:
             if _in_use() == "it is active swap (/proc/swaps)":
                 subprocess.run(["swapoff", DEV], check=False)
         finally:
-            self._reset()
+            try:
+                self._reset()
+            finally:
+                self._unlock()
 
     @staticmethod
     def _reset() -> None:
