@@ -46,8 +46,11 @@ test: deps $(STAMP) lint typecheck unit
 bench: deps $(STAMP)
 	$(PY) -m bench
 
+# Foreground, as active swap, with the shipped defaults (config/zcached.toml); Ctrl-C stops it
+# cleanly (swapoff, detach, unmount).
 run: deps $(STAMP)
-	$(VENV)/bin/zcached run
+	mkdir -p /run/zcached
+	$(VENV)/bin/zcached run --config config/zcached.toml
 
 # As root: the package in its own virtualenv, the unit, and the config (an existing one is kept).
 install: deps
@@ -56,7 +59,12 @@ install: deps
 	$(OPT)/bin/python -m pip install -q .
 	install -d $(PREFIX)/bin
 	ln -sf $(OPT)/bin/zcached $(PREFIX)/bin/zcached
-	install -D -m 0644 systemd/zcached.service $(UNITDIR)/zcached.service
+	install -d $(UNITDIR)
+	sed -e 's|/usr/local/bin/zcached|$(PREFIX)/bin/zcached|' \
+	    -e 's|/usr/local/share/doc|$(PREFIX)/share/doc|' \
+	    -e 's|/etc/zcached/zcached.toml|$(ETCDIR)/zcached.toml|' \
+	    systemd/zcached.service > $(UNITDIR)/zcached.service
+	chmod 0644 $(UNITDIR)/zcached.service
 	@if [ -e $(ETCDIR)/zcached.toml ]; then echo "keeping $(ETCDIR)/zcached.toml"; \
 	  else install -D -m 0644 config/zcached.toml $(ETCDIR)/zcached.toml; fi
 	install -D -m 0644 README.md $(PREFIX)/share/doc/zcached/README.md

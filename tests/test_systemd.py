@@ -1,0 +1,139 @@
+"""The systemd unit and `make install`/`make uninstall`, exercised for real.
+
+`make install` runs into a temporary prefix (its own virtualenv, the unit, the config);
+`systemd-analyze verify` checks the installed unit, whose ExecStart then exists, and
+`systemd-analyze security --offline` scores its hardening. systemd is not PID 1 on these
+machines, so the unit is not started here: its ExecStart command line is parsed by the real CLI
+instead, and the daemon's sd_notify protocol is tested in tests/test_daemon.py.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from zcached import cli, daemon
+from zcached import config as cfgmod
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "zcached.service"
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed"
+)
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    """Key -> values of a unit file (repeated keys kept in order)."""
+    out: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", "[")):
+            continue
+        k, _, v = line.partition("=")
+        out.setdefault(k, []).append(v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    base = tmp_path_factory.mktemp("install")
+    dirs = {
+        "PREFIX": base / "usr",
+        "OPT": base / "opt",
+        "UNITDIR": base / "unit",
+        "ETCDIR": base / "etc",
+    }
+    argv = ["make", "-C", str(ROOT), "-s", "install"] + [f"{k}={v}" for k, v in dirs.items()]
+    try:
+        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600)
+        yield dirs
+    finally:
+        argv[4] = "uninstall"
+        subprocess.run(argv, capture_output=True, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_make_install_puts_everything_in_place(installed: dict[str, Path]) -> None:
+    exe = installed["PREFIX"] / "bin" / "zcached"
+    assert exe.is_symlink() and Path(exe.resolve()).is_relative_to(installed["OPT"])
+    conf = installed["ETCDIR"] / "zcached.toml"
+    assert conf.read_text() == (ROOT / "config" / "zcached.toml").read_text()
+    unit = _unit(installed["UNITDIR"] / "zcached.service")
+    assert unit["ExecStart"] == [f"{exe} run --config {conf}"]
+    # the installed console script really runs (no daemon: one line, exit 1)
+    p = subprocess.run(
+        [str(exe), "status", "--metrics-listen", "127.0.0.1:1"], capture_output=True, text=True
+    )
+    assert p.returncode == 1
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+@needs_analyze
+def test_installed_unit_verifies(installed: dict[str, Path]) -> None:
+    unit = installed["UNITDIR"] / "zcached.service"
+    p = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "zcached.service" not in p.stderr, p.stderr  # no warnings about our unit
+
+
+@needs_analyze
+def test_security_exposure_stays_ok(installed: dict[str, Path]) -> None:
+    unit = installed["UNITDIR"] / "zcached.service"
+    p = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+    )
+    m = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", p.stdout)
+    assert m, p.stdout[-500:] + p.stderr
+    assert float(m.group(1)) <= 4.0, m.group(0)  # README quotes it; >4 is "MEDIUM" or worse
+
+
+def test_make_uninstall_keeps_the_config(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "zcached.toml").write_text("size = '1G'\n")
+    (tmp_path / "unit").mkdir()
+    (tmp_path / "unit" / "zcached.service").write_text("[Unit]\n")
+    argv = ["make", "-C", str(ROOT), "-s", "uninstall", f"PREFIX={tmp_path / 'usr'}"]
+    argv += [f"OPT={tmp_path / 'opt'}", f"UNITDIR={tmp_path / 'unit'}", f"ETCDIR={etc}"]
+    subprocess.run(argv, check=True, capture_output=True)
+    assert not (tmp_path / "unit" / "zcached.service").exists()
+    assert (etc / "zcached.toml").read_text() == "size = '1G'\n"
+
+
+def test_unit_settings_the_daemon_relies_on() -> None:
+    u = _unit(UNIT)
+    assert u["Type"] == ["notify"]
+    assert "swap.target" in u["Before"][0]
+    assert u["KillSignal"] == ["SIGTERM"]
+    assert u["OOMScoreAdjust"] == ["-1000"]
+    assert u["LimitMEMLOCK"] == ["infinity"]
+    assert u["IPAddressDeny"] == ["any"] and u["IPAddressAllow"] == ["localhost"]
+    assert u["ProtectSystem"] == ["strict"] and u["NoNewPrivileges"] == ["yes"]
+    assert "/dev/fuse rw" in u["DeviceAllow"]
+    stop = u["TimeoutStopSec"][0]
+    assert stop.endswith("min") and int(stop[:-3]) >= 10  # swapoff of a full device takes long
+    writable = " ".join(u["ReadWritePaths"])
+    assert cfgmod.DEFAULT_MOUNTPOINT in writable and daemon.LOCK_DIR in writable
+
+
+def test_execstart_is_accepted_by_the_cli() -> None:
+    argv = shlex.split(_unit(UNIT)["ExecStart"][0])
+    assert argv[0].endswith("/zcached")
+    args = cli.build_parser().parse_args(argv[1:])
+    assert args.cmd == "run" and args.config == cfgmod.DEFAULT_CONFIG
+
+
+def test_unit_parses_as_ini() -> None:
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.read_string(UNIT.read_text())
+    assert set(cp.sections()) == {"Unit", "Service", "Install"}
+    assert cp["Install"]["WantedBy"] == "swap.target"
