@@ -6,80 +6,99 @@ pyfuse3, same trivial backend, same fio job).
 Must not: assert on speed (it reports), or leave anything behind: every loop device, mount,
 server process and zram device it sets up is torn down in ``finally`` blocks.
 
-Method: one fio job per figure (libaio, direct=1, through ``losetup --direct-io=on`` for
-zcached; on /dev/zramN directly for zram).  Per device, in this order: 1 MiB sequential write
-(fio data, 65% compressible per 4K), then the whole device is filled with the same corpus
-bytes (bench.corpus.heap_pages when available), then 1 MiB sequential read and 4K random read
-at iodepth 32 of that data.  The zcached server runs in its own process
-(bench/fuse_fronts.py) so the benchmark itself never holds its GIL.
+Method: one fio job per figure (libaio, direct=1).  zcached is the real daemon
+(``zcached run --no-swap`` in its own process, so the benchmark never holds its GIL) with
+``losetup --direct-io=on`` on its swap.img; zram is /dev/zram0 (lz4) used directly.  Per device,
+in this order: 1 MiB sequential write (fio's data, 65% compressible per 4K); then the whole
+device is overwritten with real heap pages (bench.corpus.heap_pages, 1 MiB O_DIRECT writes one
+at a time, timed) and memory is read (zcached status + daemon RSS growth, zram mm_stat); then
+1 MiB sequential read and 4K random read at iodepth 32 of those pages.
+The FUSE-layer comparison (``compare_fronts``) serves a trivial backend through
+bench/fuse_fronts.py (raw protocol vs pyfuse3).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# ---- corpus and zram (bench/corpus.py, bench/zram.py when they exist) ------------------------
+# ---- the two devices under test -------------------------------------------------------------
 
-
-def _corpus(nbytes: int) -> tuple[bytes, str]:
-    try:
-        from bench.corpus import heap_pages
-
-        return heap_pages(nbytes), "bench.corpus.heap_pages"
-    except ImportError:
-        # Stand-in until bench/corpus.py lands: pages of word-like text, small integers and
-        # zero runs (compresses ~3x with lz4, like typical anonymous memory).
-        import random
-
-        rnd = random.Random(1234)
-        words = [bytes(rnd.choices(b"abcdefghijklmnopqrstuvwxyz_", k=rnd.randint(3, 12)))
-                 for _ in range(512)]  # fmt: skip
-        out = bytearray()
-        while len(out) < nbytes:
-            kind = rnd.random()
-            if kind < 0.15:
-                out += bytes(4096)
-            elif kind < 0.6:
-                page = bytearray()
-                while len(page) < 4096:
-                    page += rnd.choice(words) + b" "
-                out += page[:4096]
-            else:
-                ints = [rnd.randint(0, 1 << rnd.choice((8, 16, 32))) for _ in range(512)]
-                out += b"".join(i.to_bytes(8, "little") for i in ints)
-        return bytes(out[:nbytes]), "fallback (bench.corpus missing)"
+Mem = Callable[[], dict[str, Any]]
 
 
 @contextlib.contextmanager
-def _zram(size: int) -> Iterator[str]:
-    try:
-        from bench.zram import Zram
-    except ImportError:
-        Zram = None
-    if Zram is not None:
-        with Zram(size, algorithm="lz4") as z:
-            yield z.path
-        return
-    dev = subprocess.run(
-        ["zramctl", "--find", "--size", str(size), "--algorithm", "lz4"],
+def zram_dev(size: int) -> Iterator[tuple[str, Mem]]:
+    """/dev/zram0 (lz4) via bench.zram.Zram (machine-wide lock, always reset)."""
+    from bench.zram import Zram
+
+    with Zram(size, algorithm="lz4") as z:
+
+        def mem() -> dict[str, Any]:
+            mm = z.mm_stat()
+            return {k: mm[k] for k in ("orig_data_size", "compr_data_size", "mem_used_total")}
+
+        yield z.path, mem
+
+
+@contextlib.contextmanager
+def daemon_loop(size: int) -> Iterator[tuple[str, Mem]]:
+    """The real daemon (``zcached run --no-swap``) and a loop device (direct I/O) on its file."""
+    from bench.swap_bench import Daemon, cpu_seconds, vm_rss
+
+    with tempfile.TemporaryDirectory(prefix="zcached-iobench-") as tmp:
+        d = Daemon(size, tmp, swap=False)
+        loop = None
+        try:
+            d.start()
+            assert d.proc is not None
+            pid = d.proc.pid
+            rss0, cpu0 = vm_rss(pid), cpu_seconds(pid)
+            loop = _losetup(d.device)
+
+            def mem() -> dict[str, Any]:
+                st = d.status()
+                out = {k: st.get(k) for k in ("orig_data_size", "compr_data_size")}
+                out["mem_used_total"] = st.get("mem_used_total")
+                out["daemon_rss_growth_bytes"] = vm_rss(pid) - rss0
+                out["daemon_cpu_s"] = round(cpu_seconds(pid) - cpu0, 2)
+                return out
+
+            yield loop, mem
+        finally:
+            if loop:
+                _detach(loop)
+            d.stop()
+            with open("/proc/mounts") as f:
+                if any(ln.split()[1] == d.mnt for ln in f if ln.strip()):
+                    subprocess.run(["umount", "-l", d.mnt], check=False)
+
+
+def _losetup(image: str) -> str:
+    return subprocess.run(
+        ["losetup", "--direct-io=on", "--show", "-f", image],
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
-    try:
-        yield dev
-    finally:
-        subprocess.run(["zramctl", "--reset", dev], check=False)
+
+
+def _detach(loop: str) -> None:
+    subprocess.run(["losetup", "-d", loop], check=False)
+    for _ in range(50):  # detach is asynchronous: wait until the file is closed
+        if not os.path.exists(f"/sys/block/{os.path.basename(loop)}/loop"):
+            break
+        time.sleep(0.1)
 
 
 # ---- zcached front in its own process + loop device ------------------------------------------
@@ -107,18 +126,11 @@ def served_loop(front: str, backend: str, size_mib: int, threads: int) -> Iterat
                 if os.path.exists(image):
                     break
                 time.sleep(0.1)
-            loop = subprocess.run(
-                ["losetup", "--direct-io=on", "--show", "-f", image],
-                check=True, capture_output=True, text=True,
-            ).stdout.strip()  # fmt: skip
+            loop = _losetup(image)
             yield loop
         finally:
             if loop:
-                subprocess.run(["losetup", "-d", loop], check=False)
-                for _ in range(50):  # detach is asynchronous: wait until the file is closed
-                    if not os.path.exists(f"/sys/block/{os.path.basename(loop)}/loop"):
-                        break
-                    time.sleep(0.1)
+                _detach(loop)
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
@@ -154,28 +166,40 @@ def fio(dev: str, rw: str, bs: str, iodepth: int, runtime: float, size: int, **e
     }
 
 
-def _fill(dev: str, data: bytes) -> None:
-    fd = os.open(dev, os.O_WRONLY)
+def fill_direct(dev: str, data: bytes) -> float:
+    """Write ``data`` from offset 0 in 1 MiB O_DIRECT writes (one at a time), fsync; MB/s."""
+    buf = mmap.mmap(-1, 1 << 20)  # page aligned, as O_DIRECT needs
+    view = memoryview(data)
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
     try:
-        view = memoryview(data)
+        t0 = time.perf_counter()
         for off in range(0, len(data), 1 << 20):
-            os.pwrite(fd, view[off : off + (1 << 20)], off)
+            chunk = view[off : off + (1 << 20)]
+            buf[: len(chunk)] = chunk
+            os.pwrite(fd, memoryview(buf)[: len(chunk)], off)
         os.fsync(fd)
+        dt = time.perf_counter() - t0
     finally:
         os.close(fd)
+        buf.close()
+    return round(len(data) / dt / 1e6, 1)
 
 
-def _measure(dev: str, size: int, corpus: bytes, runtime: float) -> dict[str, float]:
+def _measure(dev: str, size: int, corpus: bytes, runtime: float, mem: Mem) -> dict[str, Any]:
+    """fio write (fio's data), then the device filled with the corpus, then the read tests."""
     w = fio(dev, "write", "1M", 4, 0, size, buffer_compress_percentage=65,
             buffer_compress_chunk=4096, refill_buffers=1)  # fmt: skip
-    _fill(dev, corpus)
+    fill = fill_direct(dev, corpus)
+    filled = mem()
     r = fio(dev, "read", "1M", 4, runtime, size)
     rr = fio(dev, "randread", "4k", 32, runtime, size)
     return {
         "seq_write_1M_MBps": w["MBps"],
+        "corpus_write_1M_qd1_MBps": fill,
         "seq_read_1M_MBps": r["MBps"],
         "randread_4k_qd32_iops": rr["iops"],
         "randread_4k_qd32_clat_us": rr["clat_mean_us"],
+        "memory_after_fill": filled,
     }
 
 
@@ -201,23 +225,37 @@ def compare_fronts(quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool) -> dict[str, Any]:
+    from bench.corpus import heap_pages
+
     size_mib = 128 if quick else 512
     size = size_mib << 20
     runtime = 3 if quick else 10
-    corpus, corpus_src = _corpus(size)
-    with _zram(size) as zdev:
-        k = _measure(zdev, size, corpus, runtime)
-    res: dict[str, Any] = {"device_MiB": size_mib, "corpus": corpus_src, "zram_lz4": k}
-    # 1 worker thread is best for 4K requests on 2 cores (no GIL hand-offs), 2 for 1 MiB ones.
-    for threads in (1, 2):
-        with served_loop("raw", "store", size_mib, threads) as dev:
-            z = _measure(dev, size, corpus, runtime)
-        res[f"zcached_t{threads}"] = z
-        res[f"ratio_zcached_t{threads}_to_zram"] = {
-            key: round(z[key] / k[key], 3) for key in z if not key.endswith("_us") and k[key]
-        }
+    corpus = heap_pages(size)
+    with zram_dev(size) as (zdev, zmem):
+        k = _measure(zdev, size, corpus, runtime, zmem)
+    with daemon_loop(size) as (dev, dmem):
+        z = _measure(dev, size, corpus, runtime, dmem)
+    ratio = {key: round(z[key] / k[key], 3) for key in z
+             if key.endswith(("MBps", "iops")) and k[key]}  # fmt: skip
+    zm, km = z["memory_after_fill"], k["memory_after_fill"]
+    ratio["mem_used_total"] = round(zm["mem_used_total"] / km["mem_used_total"], 3)
+    ratio["daemon_rss_growth_vs_zram_mem_used_total"] = round(
+        zm["daemon_rss_growth_bytes"] / km["mem_used_total"], 3
+    )
+    res: dict[str, Any] = {
+        "device_MiB": size_mib,
+        "corpus": f"bench.corpus.heap_pages({size})",
+        "zram_lz4": k,
+        "zcached": z,
+        "ratio_to_zram": ratio,
+    }
     res["fuse_front_compare_dict_backend"] = compare_fronts(quick)
     return res
+
+
+def summary(res: dict[str, Any]) -> str:
+    q = res["ratio_to_zram"]
+    return "io (zcached/zram): " + ", ".join(f"{k} {v}x" for k, v in q.items())
 
 
 if __name__ == "__main__":
