@@ -2,12 +2,16 @@
 
 Owns: mlockall / PR_SET_IO_FLUSHER / oom_score_adj (the daemon sits on the swap path: it must
 not itself be swapped out, throttled as a writer, or OOM-killed), the single-instance lock per
-mountpoint, the order store -> FUSE mount -> loop -> swapon and its exact reverse on SIGTERM /
-SIGINT or on any failure on the way up. Must NOT: parse flags or config (cli.py/config.py),
-run external commands itself (swap.py), or touch FUSE/store internals.
+mountpoint, the order lock -> port check -> store -> compactor -> exporter -> FUSE mount ->
+loop -> swapon and its exact reverse on SIGTERM / SIGINT or on any failure on the way up.
+Must NOT: parse flags or config (cli.py/config.py), run external commands itself (swap.py), or
+touch FUSE/store internals.
 
 Invariant: every resource is entered on one ``contextlib.ExitStack``; whatever raises, the stack
 unwinds in reverse (swapoff before losetup -d before unmount), so nothing stays mounted/attached.
+Everything that can be refused without side effects (flags, config, root, mountpoint, a second
+instance, the metrics port) is refused before the mount; after the mount only losetup, mkswap and
+swapon can fail, and they unwind.
 Process-safety failures only warn (documented): a daemon without mlock still works, just less
 safely under memory pressure; not being root is refused earlier (mount needs it anyway).
 """
@@ -30,6 +34,9 @@ from collections.abc import Callable, Iterator
 from zcached import swap as swapmod
 from zcached.compactor import CompactionPolicy, Compactor
 from zcached.config import Config
+from zcached.fuse import FuseServer
+from zcached.metrics import start_exporter
+from zcached.store import PageStore
 from zcached.xcfmalloc import XcfMalloc
 
 log = logging.getLogger("zcached")
@@ -103,10 +110,14 @@ def sd_notify(state: str) -> bool:
 
 
 def check_listen(host: str, port: int) -> None:
-    """Refuse a busy metrics address early (the exporter binds it later)."""
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """Refuse a metrics address the exporter could not bind, before anything is set up.
+
+    Binds the way the exporter does (IPv4, SO_REUSEADDR) and lets go at once; the exporter then
+    binds it again before the FUSE mount, so a port taken in between still unwinds nothing."""
+    if ":" in host:
+        raise DaemonError(f"metrics address [{host}]:{port}: IPv6 is not supported, use IPv4")
     try:
-        with socket.socket(fam, socket.SOCK_STREAM) as s:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
     except OSError as e:
@@ -172,12 +183,10 @@ def check_mountpoint(mountpoint: str) -> None:
 
 
 def preflight(cfg: Config) -> None:
-    """Cheap checks before anything is set up."""
+    """Cheap checks before anything is set up (the metrics port is checked under the lock)."""
     if os.geteuid() != 0:
         raise DaemonError("must run as root (FUSE mount, loop devices and swapon need it)")
     check_mountpoint(cfg.mountpoint)
-    host, port = cfg.metrics_addr
-    check_listen(host, port)
 
 
 def io_threads() -> int:
@@ -208,40 +217,20 @@ def _worker_init(pool: XcfMalloc) -> Callable[[], None]:
     return init
 
 
-def _serve(cfg: Config, stack: contextlib.ExitStack, stop: threading.Event) -> None:
-    """Enter every part on ``stack`` in order; return once ready (or when ``stop`` is set)."""
-    from zcached.fuse import FuseServer
-    from zcached.metrics import start_exporter
-    from zcached.store import PageStore
-
-    nthreads = io_threads()
+def _open_store(cfg: Config, stack: contextlib.ExitStack, nthreads: int) -> PageStore:
     pool = XcfMalloc(max_pool_bytes=cfg.mem_limit or None, heaps=nthreads)
     store = PageStore(
-        cfg.size,
-        compressor=cfg.compressor,
-        level=cfg.level,
-        mem_limit=cfg.mem_limit,
+        cfg.size, compressor=cfg.compressor, level=cfg.level, mem_limit=cfg.mem_limit,
         allocator=pool,
-    )
+    )  # fmt: skip
     stack.callback(store.close)
-    info: dict[str, object] = {
-        "algorithm": cfg.compressor,
-        "mountpoint": os.path.realpath(cfg.mountpoint),
-        "loop_device": None,
-        "swap_priority": cfg.swap_priority if cfg.swap else None,
-        "pid": os.getpid(),
-    }
-    server = FuseServer(
-        store, cfg.mountpoint, cfg.size, threads=nthreads, thread_init=_worker_init(pool)
-    )
-    info["device"] = server.image_path
-    server.mount()
-    stack.callback(server.stop)
-    server.start()
-    compactor = Compactor(pool, compaction_policy(cfg), thread_init=_flusher_init)
-    compactor.start()
-    stack.callback(compactor.stop)
-    signal.signal(signal.SIGUSR1, lambda _s, _f: compactor.trigger())
+    return store
+
+
+def _start_exporter(
+    cfg: Config, stack: contextlib.ExitStack, store: PageStore, server: FuseServer,
+    compactor: Compactor, info: dict[str, object],
+) -> None:  # fmt: skip
     try:
         exporter = start_exporter(
             cfg.metrics_listen, store, fuse=server, compactor=compactor, info=lambda: info
@@ -249,21 +238,55 @@ def _serve(cfg: Config, stack: contextlib.ExitStack, stop: threading.Event) -> N
     except OSError as e:
         raise DaemonError(f"metrics address {cfg.metrics_listen}: {e.strerror or e}") from None
     stack.callback(exporter.close)
+
+
+def _activate_swap(cfg: Config, stack: contextlib.ExitStack, image: str) -> str:
+    """losetup (direct I/O) + mkswap + swapon on ``stack``; returns the loop device."""
+    dev = stack.enter_context(swapmod.loop(image))
+    stack.enter_context(swapmod.swap_on(dev, cfg.swap_priority))
+    return dev
+
+
+def _serve(cfg: Config, stack: contextlib.ExitStack, stop: threading.Event) -> None:
+    """Enter every part on ``stack`` in order; return once ready (or when ``stop`` is set).
+
+    Order: store, compactor, exporter (binding the port cannot fail after the mount), FUSE
+    mount and workers, then loop device + swapon."""
+    nthreads = io_threads()
+    store = _open_store(cfg, stack, nthreads)
+    pool = store.allocator
+    server = FuseServer(
+        store, cfg.mountpoint, cfg.size, threads=nthreads, thread_init=_worker_init(pool)
+    )
+    info: dict[str, object] = {
+        "algorithm": cfg.compressor,
+        "mountpoint": os.path.realpath(cfg.mountpoint),
+        "device": server.image_path,
+        "loop_device": None,
+        "swap_priority": cfg.swap_priority if cfg.swap else None,
+        "pid": os.getpid(),
+    }
+    compactor = Compactor(pool, compaction_policy(cfg), thread_init=_flusher_init)
+    compactor.start()
+    stack.callback(compactor.stop)
+    signal.signal(signal.SIGUSR1, lambda _s, _f: compactor.trigger())
+    _start_exporter(cfg, stack, store, server, compactor, info)
+    server.mount()
+    stack.callback(server.stop)
+    server.start()
     if stop.is_set():
         return
-    if cfg.swap:
-        dev = stack.enter_context(swapmod.loop(server.image_path))
-        info["loop_device"] = dev
-        stack.enter_context(swapmod.swap_on(dev, cfg.swap_priority))
-        log.info(
-            "ready: swap on %s (%s, %d bytes, priority %d), metrics on %s",
-            dev, server.image_path, cfg.size, cfg.swap_priority, cfg.metrics_listen,
-        )  # fmt: skip
-    else:
+    if not cfg.swap:
         log.info(
             "ready: %s (%d bytes, no swap), metrics on %s",
             server.image_path, cfg.size, cfg.metrics_listen,
         )  # fmt: skip
+        return
+    dev = info["loop_device"] = _activate_swap(cfg, stack, server.image_path)
+    log.info(
+        "ready: swap on %s (%s, %d bytes, priority %d), metrics on %s",
+        dev, server.image_path, cfg.size, cfg.swap_priority, cfg.metrics_listen,
+    )  # fmt: skip
 
 
 def run(cfg: Config) -> int:
@@ -282,6 +305,7 @@ def run(cfg: Config) -> int:
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(instance_lock(cfg.mountpoint))
+            check_listen(*cfg.metrics_addr)  # after the lock: a 2nd instance is named as such
             lock_memory()
             protect_from_oom()
             set_io_flusher()
