@@ -13,9 +13,19 @@ seconds the thread compares the pool with the bytes it holds:
     compact when wasted >= min_wasted_bytes and pool_bytes >= min_ratio * requested_bytes
 
 or at once when :meth:`Compactor.trigger` is called (``zcached compact``, SIGUSR1).  A run calls
-``compact(max_moves=step_moves)`` until a step moves nothing; after each step of ``t`` seconds it
-sleeps ``t * (1 - cpu_budget) / cpu_budget``, so it uses at most ``cpu_budget`` of one core and
-the I/O threads get the class locks (and the GIL) between steps.
+``compact(max_moves=step_moves)`` until a step moves fewer than ``step_moves`` objects; after
+each step of ``t`` CPU seconds (the thread's own) it sleeps ``t * (1 - cpu_budget) / cpu_budget``,
+so it uses at most ``cpu_budget`` of one core and the I/O threads get the class locks (and the
+GIL) between steps.
+
+Counters (read without a lock by the metrics exporter; each is written by the compactor thread
+only): ``runs``, ``seconds`` (wall time of finished runs, pacing sleeps included),
+``cpu_seconds`` (the compactor thread's CPU in finished runs), ``objects_moved``, and
+``last_run`` / ``recent_runs`` (:class:`RunRecord`, wall-clock times for benchmarks that line a run
+up with an I/O log).  Pages given back by moves are the allocator's ``pages_compacted``.
+
+Measured by bench/compact_bench.py (256 MiB of heap pages, a random half discarded, the daemon's
+default policy): see the "compact" entry of bench/results/latest.json.
 """
 
 from __future__ import annotations
@@ -23,12 +33,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from zcached.xcfmalloc import XcfMalloc
 
 log = logging.getLogger("zcached.compactor")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished compaction run (``started``/``finished`` are time.time() values)."""
+
+    started: float
+    finished: float
+    cpu_seconds: float
+    objects_moved: int
+    pool_bytes_before: int
+    pool_bytes_after: int
 
 
 @dataclass(frozen=True)
@@ -78,8 +101,12 @@ class Compactor:
         # counters, read by the metrics exporter at scrape time
         self.runs = 0
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.objects_moved = 0
         self.last_run_pages_freed = 0
+        self.last_run: RunRecord | None = None
+        self.recent_runs: deque[RunRecord] = deque(maxlen=32)
+        self._running = threading.Event()
 
     @property
     def pages_compacted(self) -> int:
@@ -92,12 +119,22 @@ class Compactor:
             )
             self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """A run is under way (in the thread or in :meth:`run_once`)."""
+        return self._running.is_set()
+
     def stop(self) -> None:
+        """Stop the thread, ending a run between two steps; start() may be called again."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._stop.clear()
+        self._wake.clear()
+        self._requested = False
+        self._idle.set()
 
     def trigger(self) -> None:
         """Ask for a run now, whatever the thresholds say (safe from a signal handler)."""
@@ -111,9 +148,16 @@ class Compactor:
 
     def run_once(self) -> int:
         """One paced compaction run in the calling thread; returns objects moved."""
+        self._running.set()
+        try:
+            return self._run()
+        finally:
+            self._running.clear()
+
+    def _run(self) -> int:
         policy = self.policy
-        started = time.monotonic()
-        pages_before = self.pool.pool_bytes
+        started, wall0, cpu0 = time.time(), time.monotonic(), time.thread_time()
+        pool_before = self.pool.pool_bytes
         moved = 0
         while not self._stop.is_set():
             t0 = time.thread_time()
@@ -126,17 +170,22 @@ class Compactor:
                 spent * (1 - policy.cpu_budget) / policy.cpu_budget
             ):
                 break
-        elapsed = time.monotonic() - started
+        elapsed, cpu = time.monotonic() - wall0, time.thread_time() - cpu0
+        pool_after = self.pool.pool_bytes
+        self.last_run = RunRecord(started, time.time(), cpu, moved, pool_before, pool_after)
+        self.recent_runs.append(self.last_run)
         self.runs += 1
         self.seconds += elapsed
+        self.cpu_seconds += cpu
         self.objects_moved += moved
-        self.last_run_pages_freed = max(0, (pages_before - self.pool.pool_bytes) // 4096)
+        self.last_run_pages_freed = max(0, (pool_before - pool_after) // 4096)
         log.info(
-            "compaction: moved %d objects, pool %d -> %d bytes in %.2fs",
+            "compaction: moved %d objects, pool %d -> %d bytes in %.2fs (%.2fs CPU)",
             moved,
-            pages_before,
-            self.pool.pool_bytes,
+            pool_before,
+            pool_after,
             elapsed,
+            cpu,
         )
         return moved
 
@@ -150,6 +199,7 @@ class Compactor:
                 break
             requested, self._requested = self._requested, False
             if requested or self.policy.due(self.pool.pool_bytes, self.pool.requested_bytes):
+                self._idle.clear()
                 try:
                     self.run_once()
                 except Exception:  # a bug here must not take the I/O path down with it
