@@ -153,11 +153,14 @@ class Daemon:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, wait: bool = True) -> Daemon:
+    def start(self, wait: bool = True, *, session: bool = False) -> Daemon:
+        """Start it; ``session``: in its own process group (as a shell job), so a test can
+        signal the group the way a terminal's Ctrl-C does."""
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
-            )
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
+                start_new_session=session,
+            )  # fmt: skip
         if wait:
             self.wait_for("ready:")
         return self

@@ -243,7 +243,7 @@ def _start_exporter(
 def _activate_swap(cfg: Config, stack: contextlib.ExitStack, image: str) -> str:
     """losetup (direct I/O) + mkswap + swapon on ``stack``; returns the loop device."""
     dev = stack.enter_context(swapmod.loop(image))
-    stack.enter_context(swapmod.swap_on(dev, cfg.swap_priority))
+    stack.enter_context(swapmod.swap_on(dev, cfg.swap_priority, log.warning))
     return dev
 
 

@@ -3,39 +3,59 @@
 Owns: the external commands and their error messages. Each step is a context manager that
 undoes itself on exit (also on error), so ``with loop(...) as dev, swap_on(dev, ...):`` never
 leaves a loop device attached or a swap active. Must NOT: know about FUSE, the page store,
-signals or process setup (that is daemon.py), nor print; it raises ``SwapError`` (one line).
+signals or process setup (that is daemon.py), nor print or log; it raises ``SwapError`` (one
+line) and reports retried failures through the caller's ``warn``.
+
+Invariants: commands run in their own session, so a signal meant for the daemon (a terminal's
+Ctrl-C goes to the whole foreground process group) never interrupts them half-way; and
+``swap_on`` does not return from its exit until the swap is really off: a failed swapoff is
+retried (no time limit), because unwinding further (losetup -d, unmount) under an active swap
+would lose every page still on it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 
 class SwapError(RuntimeError):
     """A swap step failed; the message is one human line."""
 
 
-def _run(argv: list[str], what: str) -> str:
+SWAPOFF_RETRY = 5.0  # seconds between swapoff attempts that failed
+
+
+def _run(argv: list[str], what: str, timeout: float | None = 600) -> str:
+    """Run ``argv`` in its own session; its stdout, or SwapError naming ``what``."""
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, start_new_session=True
+        )
     except FileNotFoundError:
         raise SwapError(f"{what}: {argv[0]} not found") from None
     except subprocess.TimeoutExpired:
         raise SwapError(f"{what}: {argv[0]} timed out") from None
     if p.returncode != 0:
         msg = (p.stderr.strip() or p.stdout.strip()).splitlines()
-        raise SwapError(f"{what}: {' '.join(argv)}: {msg[-1] if msg else f'exit {p.returncode}'}")
+        if msg:
+            why = msg[-1]
+        elif p.returncode < 0:
+            why = f"killed by signal {-p.returncode}"
+        else:
+            why = f"exit {p.returncode}"
+        raise SwapError(f"{what}: {why}")
     return p.stdout.strip()
 
 
 def attach_loop(path: str) -> str:
-    return _run(["losetup", "--find", "--show", "--direct-io=on", path], "attach loop device")
+    return _run(["losetup", "--find", "--show", "--direct-io=on", path], f"losetup {path}")
 
 
 def detach_loop(dev: str) -> None:
-    _run(["losetup", "-d", dev], f"detach {dev}")
+    _run(["losetup", "-d", dev], f"losetup -d {dev}")
 
 
 def active_swaps() -> list[str]:
@@ -54,8 +74,21 @@ def swap_used_kib(dev: str) -> int:
 
 
 def swapoff(dev: str) -> None:
+    """swapoff ``dev`` if active (no time limit: it reads every page back into RAM)."""
     if dev in active_swaps():
-        _run(["swapoff", dev], f"swapoff {dev}")
+        _run(["swapoff", dev], f"swapoff {dev}", timeout=None)
+
+
+def swapoff_until_done(dev: str, warn: Callable[[str], None], retry: float = SWAPOFF_RETRY) -> None:
+    """swapoff ``dev``, retrying every ``retry`` s after a failure (each one goes to ``warn``)
+    until ``dev`` is no longer an active swap. Never gives up: see the module invariant."""
+    while True:
+        try:
+            swapoff(dev)
+            return
+        except SwapError as e:
+            warn(f"{e}; pages are still on {dev}: still serving it, retrying in {retry:g}s")
+        time.sleep(retry)
 
 
 @contextlib.contextmanager
@@ -69,8 +102,11 @@ def loop(path: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def swap_on(dev: str, priority: int, *, discard: bool = True) -> Iterator[str]:
-    """mkswap + swapon ``dev``; swapoff on exit (pages come back into RAM)."""
+def swap_on(
+    dev: str, priority: int, warn: Callable[[str], None], *, discard: bool = True
+) -> Iterator[str]:
+    """mkswap + swapon ``dev``; on exit swapoff, retried until done (pages come back into
+    RAM); failed attempts are reported through ``warn``."""
     _run(["mkswap", dev], f"mkswap {dev}")
     argv = ["swapon"]
     if discard:
@@ -80,4 +116,4 @@ def swap_on(dev: str, priority: int, *, discard: bool = True) -> Iterator[str]:
     try:
         yield dev
     finally:
-        swapoff(dev)
+        swapoff_until_done(dev, warn)
