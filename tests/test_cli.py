@@ -10,6 +10,7 @@ too small device, swapon failing), and ``zcached status`` / ``compact`` without 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -154,6 +155,19 @@ def test_second_instance_is_refused_and_first_keeps_serving(
     finally:
         os.close(fd)
     assert first.terminate() == 0
+
+
+def test_dead_mount_of_a_killed_daemon_is_named(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    dead = daemon_factory("16M", "--no-swap").start()
+    dead.terminate(signal.SIGKILL)  # by its pid: leaves its FUSE mount behind, dead
+    before = traces(str(dead.root))
+    assert before["mounts"] == [str(dead.mountpoint)]
+    p = run_cli(*base(tmp_path, mountpoint=str(dead.mountpoint)))
+    line = assert_refused(p)
+    assert "dead FUSE mount" in line, line
+    assert traces(str(dead.root)) == before  # the fixture's cleanup unmounts it (umount -l)
 
 
 def test_mkswap_failure_after_mount_unwinds(tmp_path: Path) -> None:

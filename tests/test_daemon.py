@@ -477,3 +477,16 @@ def test_failed_swapoff_is_retried_not_torn_down(
         expect_line(w, "ok")
         assert w.wait(timeout=HANG) == 0
     assert traces(str(d.root)) == NOTHING
+
+
+def test_sigterm_during_start_up_unwinds(daemon_factory: Callable[..., Daemon]) -> None:
+    # The signal handlers are in place before the mount, so a SIGTERM as soon as the mount
+    # shows (losetup / mkswap / swapon still to come) must unwind cleanly and exit 0.  Priority
+    # 0 keeps other swap users' pages off this device for the moment it may be active.
+    d = daemon_factory("16M", "--swap", "--swap-priority", "0").start(wait=False)
+    assert d.proc is not None
+    while not traces(str(d.root))["mounts"]:
+        assert d.proc.poll() is None, d.log()
+    assert d.terminate() == 0, d.log()
+    assert "zcached: stopped" in d.log() and "Traceback" not in d.log()
+    assert traces(str(d.root)) == NOTHING

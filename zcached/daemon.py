@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -28,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator
 
@@ -176,9 +178,19 @@ def request_compaction(mountpoint: str) -> int:
 
 
 def check_mountpoint(mountpoint: str) -> None:
-    if not os.path.exists(mountpoint):
-        raise DaemonError(f"mountpoint {mountpoint}: does not exist")
-    if not os.path.isdir(mountpoint):
+    """An existing directory, and not the dead mount a killed zcached leaves behind."""
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise DaemonError(f"mountpoint {mountpoint}: does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise DaemonError(
+                f"mountpoint {mountpoint}: a dead FUSE mount is still there (its daemon died);"
+                f" swapoff/losetup -d its users and umount it first"
+            ) from None
+        raise DaemonError(f"mountpoint {mountpoint}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
         raise DaemonError(f"mountpoint {mountpoint}: not a directory")
 
 
@@ -310,11 +322,10 @@ def run(cfg: Config) -> int:
             protect_from_oom()
             set_io_flusher()
             _serve(cfg, stack, stop)
-            if stop.is_set():
-                return 0
-            sd_notify("READY=1")
-            while not stop.wait(1.0):
-                pass
+            if not stop.is_set():  # else a signal came during start-up: unwind at once
+                sd_notify("READY=1")
+                while not stop.wait(1.0):
+                    pass
             log.info("stopping: swapoff, detach, unmount")
             sd_notify("STOPPING=1")
         log.info("stopped")
