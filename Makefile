@@ -43,8 +43,12 @@ unit: $(STAMP)
 
 test: deps $(STAMP) lint typecheck unit
 
+# Every bench/*_bench.py against kernel zram (root; ~40 min with 3 repeats, mostly the swap
+# workload at 1x/2x/4x), then the README's comparison block from bench/results/latest.json.
+BENCH_ARGS ?= --repeat 3
 bench: deps $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.readme
 
 # Foreground, as active swap, with the shipped defaults (config/zcached.toml); Ctrl-C stops it
 # cleanly (swapoff, detach, unmount).

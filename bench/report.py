@@ -2,6 +2,8 @@
 
 Owns: describing the machine (cpu, nproc, memory, kernel, python, package and fio versions) and
 rendering results.  Must NOT run benchmarks.  Plots use matplotlib's Agg backend (no display):
+compare.png (zcached next to zram: throughput, memory, swap wall time) and scaling.png (the
+swap workload at 1x/2x/4x data) from known paths of the io and swap modules;
 ratios.png (leaves on a path with "_over_" or named "*ratio*", "*vs_zram*", "*to_zram*"),
 throughput.png (leaves under "ops_per_s" or named "*MB_s*", "*MiB_s*", "*iops*") and memory.png
 (leaves named "*_bytes" or "mem_used_total", in MiB).  Leaves are found by walking each module's
@@ -141,6 +143,17 @@ def _pick(doc: dict[str, Any], kind: str) -> list[Leaf]:
     return out
 
 
+def _per_module(pts: list[Leaf], cap: int) -> list[Leaf]:
+    """At most ``cap`` leaves of each module (so a big module cannot crowd the others out)."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in pts:
+        seen[p[0]] = seen.get(p[0], 0) + 1
+        if seen[p[0]] <= cap:
+            out.append(p)
+    return out
+
+
 def write_plots(doc: dict[str, Any], outdir: Path) -> list[Path]:
     import matplotlib
 
@@ -154,7 +167,7 @@ def write_plots(doc: dict[str, Any], outdir: Path) -> list[Path]:
         "memory": ("memory", "MiB"),
     }
     for kind, (title, xlabel) in titles.items():
-        pts = _pick(doc, kind)[:60]
+        pts = _per_module(_pick(doc, kind), 25)
         path = outdir / f"{kind}.png"
         if not pts:
             path.unlink(missing_ok=True)
@@ -181,3 +194,119 @@ def write_report(doc: dict[str, Any], outdir: Path) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     write_markdown(doc, outdir / "REPORT.md")
     write_plots(doc, outdir)
+    write_comparison_plots(doc, outdir)
+
+
+def _node(doc: dict[str, Any], module: str, path: str) -> tuple[Any, Any]:
+    """(median, [min, max] or None) at dotted ``path`` of ``module``'s result."""
+    res = doc.get("modules", {}).get(module) or {}
+    med, spr = res.get("result"), res.get("spread")
+    for part in path.split("."):
+        med = med.get(part) if isinstance(med, dict) else None
+        spr = spr.get(part) if isinstance(spr, dict) else None
+    ok = isinstance(med, (int, float)) and not isinstance(med, bool)
+    return (med if ok else None), (spr if isinstance(spr, list) and len(spr) == 2 else None)
+
+
+def _pairs(doc: dict[str, Any], rows: list[tuple[str, str, str, str, float]]) -> list[Any]:
+    """[(label, (zcached, err), (zram, err))] for rows (label, module, ours, zram, scale)."""
+    out = []
+    for label, mod, ours, zram, scale in rows:
+        vals = []
+        for path in (ours, zram):
+            v, s = _node(doc, mod, path)
+            err = (0.0, 0.0) if s is None or v is None else (v - s[0], s[1] - v)
+            vals.append((None if v is None else v / scale, (err[0] / scale, err[1] / scale)))
+        if vals[0][0] is not None and vals[1][0] is not None:
+            out.append((label, vals[0], vals[1]))
+    return out
+
+
+def _bars(ax: Any, pairs: list[Any], title: str, unit: str) -> None:
+    import numpy as np
+
+    x = np.arange(len(pairs))
+    for i, (name, color) in enumerate((("zcached", "tab:blue"), ("zram lz4", "tab:orange"))):
+        vals = [p[1 + i][0] for p in pairs]
+        err = np.array([p[1 + i][1] for p in pairs]).T
+        ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, yerr=err, label=name, color=color, capsize=3)
+        for xi, v in zip(x, vals, strict=True):
+            ax.annotate(f"{v:,.4g}", (xi + (i - 0.5) * 0.4, v), ha="center", va="bottom",
+                        fontsize=7)  # fmt: skip
+    ax.set_xticks(x, [p[0] for p in pairs], fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(unit)
+    ax.legend(fontsize=8)
+
+
+def write_comparison_plots(doc: dict[str, Any], outdir: Path) -> list[Path]:
+    """compare.png (zcached next to zram: throughput, memory, swap wall time, with min..max
+    error bars) and scaling.png (swap workload: wall time and memory against data size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    mib = float(2**20)
+    panels = [
+        ("throughput (io bench)", "MB/s", _pairs(doc, [
+            ("1M seq write", "io", "zcached.seq_write_1M_MBps", "zram_lz4.seq_write_1M_MBps", 1),
+            ("1M heap-page write", "io", "zcached.corpus_write_1M_qd1_MBps",
+             "zram_lz4.corpus_write_1M_qd1_MBps", 1),
+            ("1M seq read", "io", "zcached.seq_read_1M_MBps", "zram_lz4.seq_read_1M_MBps", 1),
+        ])),
+        ("4K random read, depth 32", "kIOPS", _pairs(doc, [
+            ("4K randread", "io", "zcached.randread_4k_qd32_iops",
+             "zram_lz4.randread_4k_qd32_iops", 1000),
+        ])),
+    ]  # fmt: skip
+    swap = (doc.get("modules", {}).get("swap") or {}).get("result") or {}
+    scaled: dict[str, Any] = swap["scaling"] if isinstance(swap.get("scaling"), dict) else {}
+    names = sorted(scaled, key=lambda n: int(n[1:]) if n[1:].isdigit() else 0)
+    mem_rows, wall_rows = [], []
+    for n in names:
+        at = f"scaling.{n}"
+        data, _ = _node(doc, "swap", f"{at}.data_MiB")
+        lab = f"{data:.0f} MiB" if data else n
+        wall_rows.append((lab, "swap", f"{at}.zcached.wall_s", f"{at}.zram_lz4.wall_s", 1.0))
+        mem_rows.append((lab, "swap", f"{at}.zcached.at_fill.mem_used_total",
+                         f"{at}.zram_lz4.at_fill.mem_used_total", mib))  # fmt: skip
+    panels.append(("memory holding the swapped pages (swap bench)", "MiB", _pairs(doc, mem_rows)))
+    panels.append(("swap workload wall time", "s", _pairs(doc, wall_rows)))
+    panels = [p for p in panels if p[2]]
+    made = []
+    path = outdir / "compare.png"
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), dpi=80)
+        for ax, (title, unit, pairs) in zip(np.atleast_1d(axes), panels, strict=True):
+            _bars(ax, pairs, title, unit)
+        fig.suptitle("zcached vs kernel zram (lz4), same run, same data; bars min..max")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        made.append(path)
+    else:
+        path.unlink(missing_ok=True)
+    path = outdir / "scaling.png"
+    walls, mems = _pairs(doc, wall_rows), _pairs(doc, mem_rows)
+    if len(walls) >= 2:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=80)
+        for ax, pairs, title, unit in ((axes[0], walls, "swap workload wall time", "s"),
+                                       (axes[1], mems, "memory at the peak", "MiB")):  # fmt: skip
+            xs = [float(p[0].split()[0]) for p in pairs]
+            for i, name in enumerate(("zcached", "zram lz4")):
+                ax.errorbar(xs, [p[1 + i][0] for p in pairs],
+                            yerr=np.array([p[1 + i][1] for p in pairs]).T,
+                            marker="o", capsize=3, label=name)  # fmt: skip
+            ax.set_xlabel("program data (MiB); cgroup limit = 1/4 of it")
+            ax.set_ylabel(unit)
+            ax.set_title(title)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        made.append(path)
+    else:
+        path.unlink(missing_ok=True)
+    return made

@@ -3,6 +3,7 @@ bench.zram (kernel /dev/zram0, always reset) and the aggregation of bench.__main
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -108,3 +109,70 @@ def test_aggregate_medians_and_spread() -> None:
     med, spread = aggregate(runs)
     assert med == {"a": 2, "b": {"c": 2.0, "s": "x"}, "ok": True}
     assert spread == {"a": [1, 5], "b": {"c": [1.0, 3.0]}}
+
+
+def _sample_doc() -> dict[str, object]:
+    """A latest.json as the runner writes it (medians + spread), swap and io modules only."""
+    zram = {"wall_s": 40.0, "at_fill": {"mem_used_total": 100 << 20}}
+    ours = {
+        "wall_s": 50.0,
+        "at_fill": {"mem_used_total": 97 << 20, "daemon_rss_growth_bytes": 110 << 20},
+    }
+    return {
+        "machine": {"cpu": "Test CPU", "nproc": 2, "kernel": "6.18", "python": "3.11.7"},
+        "modules": {
+            "swap": {
+                "repeat": 3,
+                "result": {
+                    "scaling": {
+                        "x2": {"data_MiB": 1024, "limit_MiB": 256,
+                               "zcached": {"wall_s": 90.0}, "zram_lz4": {"wall_s": 60.0},
+                               "ratio_to_zram": {"wall_s": 1.5}},
+                        "x1": {"data_MiB": 512, "limit_MiB": 128,
+                               "zcached": ours, "zram_lz4": zram,
+                               "ratio_to_zram": {"wall_s": 1.25, "mem_used_total": 0.97}},
+                    }
+                },
+                "spread": {"scaling": {"x1": {"ratio_to_zram": {"wall_s": [1.1, 1.4]}}}},
+            },
+            "io": {"repeat": 3, "error": "RuntimeError: fio failed"},
+        },
+    }  # fmt: skip
+
+
+def test_readme_block_from_sample_json(tmp_path: Path) -> None:
+    from bench import readme
+
+    doc = _sample_doc()
+    body = readme.render(doc)
+    rows = {ln.split("|")[1].strip(): ln for ln in body.splitlines() if ln.startswith("| ")}
+    x1 = rows["swap workload wall time, 512 MiB in a 128 MiB cgroup"]
+    assert "| 50.0 s | 40.0 s | **1.25x** (1.10..1.40) | <= 1.5x |" in x1
+    x2 = rows["swap workload wall time, 1024 MiB in a 256 MiB cgroup"]
+    assert "| 90.0 s | 60.0 s | **1.50x** |" in x2
+    assert body.index("512 MiB in") < body.index("1024 MiB in")  # x1 before x2
+    mem = next(v for k, v in rows.items() if k.startswith("memory holding a 512 MiB"))
+    assert "| 97.0 MiB | 100.0 MiB | **0.97x** |" in mem
+    rss = rows["same, daemon RSS growth (all of zcached's memory)"]
+    assert "| 110.0 MiB | 100.0 MiB | not measured |" in rss  # no ratio in the JSON: none made up
+    io = rows["4K random read, depth 32 (fio)"]
+    assert io.count("not measured") == 3  # the io module failed
+    assert "Test CPU" in body and "median of 3 run(s)" in body
+
+    readme_md = tmp_path / "README.md"
+    before, after = "# title\n\nkept text\n", "\n## next\nkept too\n"
+    readme_md.write_text(
+        before + "<!-- bench:begin (generated) -->\nold table\n<!-- bench:end -->" + after
+    )
+    sample = tmp_path / "latest.json"
+    sample.write_text(json.dumps(doc))
+    assert readme.main(["--json", str(sample), "--readme", str(readme_md)]) == 0
+    text = readme_md.read_text()
+    block = "<!-- bench:begin (generated) -->\n" + body + "<!-- bench:end -->"
+    assert text == before + block + after
+    assert readme.main(["--json", str(sample), "--readme", str(readme_md)]) == 0
+    assert readme_md.read_text() == text  # idempotent
+
+    readme_md.write_text("no markers here\n")
+    assert readme.main(["--json", str(sample), "--readme", str(readme_md)]) == 1
+    assert readme_md.read_text() == "no markers here\n"

@@ -1,0 +1,223 @@
+"""bench/readme: the README's comparison table, generated from bench/results/latest.json.
+
+``python -m bench.readme [--json FILE] [--readme FILE] [--print]`` replaces the text between the
+``<!-- bench:begin ... -->`` line and the ``<!-- bench:end -->`` line of README.md (both lines
+kept) with a compact table: memory, throughput and swap wall time, each as zcached, zram (lz4)
+and the ratio zcached / zram, with the goal of each row.
+Owns: reading latest.json and rendering that block.  Must NOT run benchmarks, touch any other
+part of README.md, or invent a figure: a figure missing from the JSON shows as "not measured".
+
+Ratios are the medians of the per-run ratios (each run compares both from the same run); with
+repeats the min..max of the ratio follows in brackets.  Absolute values are medians too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN = "<!-- bench:begin"
+END = "<!-- bench:end -->"
+MISSING = "not measured"
+
+
+class ReadmeError(ValueError):
+    """README or JSON not usable; the message is one line."""
+
+
+def _get(tree: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+class Source:
+    """One module's entry in latest.json: median result and [min, max] spread trees."""
+
+    def __init__(self, doc: dict[str, Any], name: str) -> None:
+        entry = doc.get("modules", {}).get(name) or {}
+        self.ok = "result" in entry and "skipped" not in (entry.get("result") or {})
+        self.result = entry.get("result") or {}
+        self.spread = entry.get("spread") or {}
+        self.repeat = int(entry.get("repeat") or 1)
+
+    def value(self, path: str) -> float | None:
+        return _num(_get(self.result, path)) if self.ok else None
+
+    def ratio(self, path: str) -> str:
+        v = self.value(path)
+        if v is None:
+            return MISSING
+        s = _get(self.spread, path)
+        if isinstance(s, list) and len(s) == 2 and s[0] != s[1]:
+            return f"**{v:.2f}x** ({s[0]:.2f}..{s[1]:.2f})"
+        return f"**{v:.2f}x**"
+
+
+def _mib(v: float | None) -> str:
+    return MISSING if v is None else f"{v / 2**20:,.1f} MiB"
+
+
+def _mbs(v: float | None) -> str:
+    return MISSING if v is None else f"{v:,.0f} MB/s"
+
+
+def _iops(v: float | None) -> str:
+    return MISSING if v is None else f"{v / 1000:,.1f}K IOPS"
+
+
+def _secs(v: float | None) -> str:
+    return MISSING if v is None else f"{v:,.1f} s"
+
+
+def _row(label: str, ours: str, zram: str, ratio: str, goal: str) -> str:
+    return f"| {label} | {ours} | {zram} | {ratio} | {goal} |"
+
+
+def memory_rows(doc: dict[str, Any]) -> list[str]:
+    rows = []
+    sw = Source(doc, "swap")
+    x1 = "scaling.x1"
+    data = sw.value(f"{x1}.data_MiB")
+    z, k = f"{x1}.zcached.at_fill", f"{x1}.zram_lz4.at_fill"
+    what = f"a {data:.0f} MiB program" if data else "the swap workload"
+    rows.append(_row(
+        f"memory holding {what}'s swapped pages (pool; zram mem_used_total)",
+        _mib(sw.value(f"{z}.mem_used_total")), _mib(sw.value(f"{k}.mem_used_total")),
+        sw.ratio(f"{x1}.ratio_to_zram.mem_used_total"), "<= 1.05x",
+    ))  # fmt: skip
+    rows.append(_row(
+        "same, daemon RSS growth (all of zcached's memory)",
+        _mib(sw.value(f"{z}.daemon_rss_growth_bytes")), _mib(sw.value(f"{k}.mem_used_total")),
+        sw.ratio(f"{x1}.ratio_to_zram.daemon_rss_growth_vs_zram_mem_used_total"), "<= 1.05x",
+    ))  # fmt: skip
+    cp = Source(doc, "compact")
+    if cp.ok:
+        m = "memory.half_discarded_compacted"
+        rows.append(_row(
+            "memory after a random half is freed and both compact (pool + metadata)",
+            _mib(cp.value(f"{m}.zcached.total_bytes")),
+            _mib(cp.value(f"{m}.zram_mem_used_total")),
+            cp.ratio(f"{m}.pool_plus_metadata_vs_zram"), "<= 1.05x",
+        ))  # fmt: skip
+    return rows
+
+
+def io_rows(doc: dict[str, Any]) -> list[str]:
+    io = Source(doc, "io")
+    rows = []
+    for label, key, fmt in (
+        ("1 MiB sequential write (fio)", "seq_write_1M_MBps", _mbs),
+        ("1 MiB writes of real heap pages, one at a time", "corpus_write_1M_qd1_MBps", _mbs),
+        ("1 MiB sequential read (fio)", "seq_read_1M_MBps", _mbs),
+        ("4K random read, depth 32 (fio)", "randread_4k_qd32_iops", _iops),
+    ):
+        rows.append(_row(
+            label, fmt(io.value(f"zcached.{key}")), fmt(io.value(f"zram_lz4.{key}")),
+            io.ratio(f"ratio_to_zram.{key}"), ">= 0.5x",
+        ))  # fmt: skip
+    return rows
+
+
+def swap_rows(doc: dict[str, Any]) -> list[str]:
+    sw = Source(doc, "swap")
+    scaling = _get(sw.result, "scaling") if sw.ok else None
+    names = sorted(scaling, key=lambda n: int(n[1:])) if isinstance(scaling, dict) else ["x1"]
+    rows = []
+    for n in names:
+        data, limit = sw.value(f"scaling.{n}.data_MiB"), sw.value(f"scaling.{n}.limit_MiB")
+        label = (
+            f"swap workload wall time, {data:.0f} MiB in a {limit:.0f} MiB cgroup"
+            if data and limit
+            else "swap workload wall time"
+        )
+        rows.append(_row(
+            label, _secs(sw.value(f"scaling.{n}.zcached.wall_s")),
+            _secs(sw.value(f"scaling.{n}.zram_lz4.wall_s")),
+            sw.ratio(f"scaling.{n}.ratio_to_zram.wall_s"), "<= 1.5x",
+        ))  # fmt: skip
+    return rows
+
+
+def _header(doc: dict[str, Any]) -> list[str]:
+    m = doc.get("machine") or {}
+    mem = _num(m.get("memory_bytes"))
+    memtxt = f"{mem / 2**30:.0f} GB RAM, " if mem else ""
+    reps = sorted({Source(doc, n).repeat for n in ("io", "swap") if Source(doc, n).ok})
+    rep = "/".join(str(r) for r in reps) or "1"
+    text = (
+        f"Measured {m.get('date', doc.get('date', '?'))} on {m.get('cpu') or 'an unknown CPU'} "
+        f"({m.get('nproc', '?')} CPUs, {memtxt}kernel {m.get('kernel', '?')}, "
+        f"Python {m.get('python', '?')}) by `make bench`. Each figure is the median of {rep} "
+        "run(s); both sides ran in the same run on the same real heap pages (bench/README.md). "
+        "Ratios are zcached / zram (lz4), min..max over the runs in brackets. All figures: "
+        "bench/results/REPORT.md and the plots next to it."
+    )
+    return textwrap.wrap(text, 100, break_on_hyphens=False)
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The block's body (without the marker lines)."""
+    lines = _header(doc)
+    lines += [
+        "",
+        "| | zcached | zram (lz4) | zcached / zram | goal |",
+        "|---|---:|---:|---:|---|",
+    ]
+    lines += memory_rows(doc) + io_rows(doc) + swap_rows(doc)
+    sw = Source(doc, "swap")
+    if not sw.ok and isinstance(sw.result.get("skipped"), str):
+        lines += ["", f"Swap workload: {sw.result['skipped']}."]
+    return "\n".join(lines) + "\n"
+
+
+def replace_block(text: str, body: str) -> str:
+    """``text`` with the lines between the BEGIN line and the END line replaced by ``body``."""
+    start = text.find(BEGIN)
+    if start < 0:
+        raise ReadmeError(f"no '{BEGIN}' marker")
+    nl = text.find("\n", start)
+    end = text.find(END, nl if nl >= 0 else start)
+    if nl < 0 or end < 0:
+        raise ReadmeError(f"no '{END}' marker after '{BEGIN}'")
+    return text[: nl + 1] + body + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__.split("\n")[0])
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--print", action="store_true", help="print the block, do not write")
+    args = ap.parse_args(argv)
+    try:
+        doc = json.loads(args.json.read_text())
+        if not isinstance(doc, dict):
+            raise ReadmeError(f"{args.json}: not a JSON object")
+        body = render(doc)
+        if args.print:
+            sys.stdout.write(body)
+            return 0
+        text = args.readme.read_text()
+        new = replace_block(text, body)
+    except (OSError, ValueError) as e:  # ReadmeError and json's errors are ValueErrors
+        print(f"bench.readme: {e}", file=sys.stderr)
+        return 1
+    if new != text:
+        args.readme.write_text(new)
+    print(f"bench.readme: {args.readme} bench block {'updated' if new != text else 'unchanged'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
