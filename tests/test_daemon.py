@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 from conftest import HANG, Daemon, active_swaps, run_cli, swap_used_kib, traces
 
+from zcached.daemon import lock_path
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mount(2), losetup, swapon")
 
 PAGE = 4096
@@ -135,6 +137,7 @@ def test_no_swap_lifecycle(daemon_factory: Callable[..., Daemon], tmp_path: Path
     assert "zcached: stopped" in d.log()
     assert "Traceback" not in d.log()
     assert traces(str(d.root)) == NOTHING
+    assert not os.path.exists(lock_path(str(d.mountpoint)))  # the instance lock is gone too
 
 
 def check_counters(d: Daemon) -> None:

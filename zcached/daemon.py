@@ -132,21 +132,43 @@ def lock_path(mountpoint: str) -> str:
     return os.path.join(LOCK_DIR, f"zcached-{name}.lock")
 
 
-@contextlib.contextmanager
-def instance_lock(mountpoint: str) -> Iterator[None]:
-    """One daemon per mountpoint: an flock held for the daemon's lifetime, holding its pid."""
-    real = os.path.realpath(mountpoint)
-    os.makedirs(LOCK_DIR, exist_ok=True)
-    fd = os.open(lock_path(mountpoint), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
+def _locked_fd(path: str, real: str) -> int:
+    """A descriptor of the lock file ``path`` holding its exclusive flock.
+
+    A daemon removes its lock file on exit; a starter that locked the removed file (opened just
+    before) sees that ``path`` is no longer that file and retries with the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise DaemonError(f"mountpoint {real}: another zcached is running on it") from None
+        try:
+            st = os.stat(path)
+            held = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def instance_lock(mountpoint: str) -> Iterator[None]:
+    """One daemon per mountpoint: an flock held for the daemon's lifetime, holding its pid.
+    The file is removed on exit, while still locked, so none is left behind."""
+    real = os.path.realpath(mountpoint)
+    os.makedirs(LOCK_DIR, exist_ok=True)
+    path = lock_path(mountpoint)
+    fd = _locked_fd(path, real)
+    try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {real}\n".encode())
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         os.close(fd)
 
 
