@@ -198,6 +198,7 @@ def test_status_without_daemon_is_one_line_exit_1() -> None:
     p = run_cli("status", "--metrics-listen", f"127.0.0.1:{free_port()}")
     assert p.returncode == 1
     assert len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith("zcached: error: no zcached daemon answering"), p.stderr
     assert "Traceback" not in p.stderr and p.stdout == ""
 
 

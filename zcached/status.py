@@ -57,12 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         doc = fetch(a.metrics_listen)
+    except json.JSONDecodeError:
+        print(f"zcached: error: {a.metrics_listen} does not answer like zcached", file=sys.stderr)
+        return 1
     except ValueError as e:
-        print(f"zcached status: {e}", file=sys.stderr)
+        print(f"zcached: error: {e}", file=sys.stderr)
         return 2
-    except (OSError, urllib.error.URLError, json.JSONDecodeError) as e:
+    except (OSError, urllib.error.URLError) as e:
+        why = getattr(e, "reason", e)
+        why = getattr(why, "strerror", None) or why
         print(
-            f"zcached status: no zcached daemon answering on {a.metrics_listen} ({e})",
+            f"zcached: error: no zcached daemon answering on {a.metrics_listen}: {why}",
             file=sys.stderr,
         )
         return 1
