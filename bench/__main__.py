@@ -9,13 +9,18 @@ Result shape (latest.json): {"machine": {...}, "date": ..., "argv": ..., "module
 or {"error": "...", "traceback": "..."}}}.  ``result`` is the module's dict with every numeric
 leaf replaced by its median over the repeats; ``spread`` has the same shape with [min, max] at
 the numeric leaves (only when N > 1).  With --only, modules not run keep their previous entry.
+Each module's entry is merged into latest.json as soon as it is done, under a lock
+(/run/lock/zcached-bench-results.lock), so concurrent runs of other modules keep theirs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -26,6 +31,7 @@ from bench import report
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+RESULTS_LOCK = "/run/lock/zcached-bench-results.lock"
 
 
 def discover() -> list[str]:
@@ -95,6 +101,27 @@ def run_module(name: str, quick: bool, repeat: int) -> dict[str, Any]:
     return out
 
 
+def save_module(latest: Path, name: str, res: dict[str, Any], meta: dict[str, Any]) -> Any:
+    """Merge one module's entry into ``latest`` (read-modify-write under a lock, so concurrent
+    runs of other modules keep each other's entries); return the merged document."""
+    with open(RESULTS_LOCK, "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        doc: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            doc = json.loads(latest.read_text())
+        if not isinstance(doc, dict):
+            doc = {}
+        if not isinstance(doc.get("modules"), dict):
+            doc["modules"] = {}
+        doc["modules"][name] = res
+        doc.update(meta)
+        doc["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        tmp = latest.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        tmp.replace(latest)
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     names = discover()
     ap = argparse.ArgumentParser(prog="python -m bench", description="zcached benchmarks")
@@ -120,27 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         chosen = wanted
     RESULTS.mkdir(parents=True, exist_ok=True)
     latest = RESULTS / "latest.json"
-    doc: dict[str, Any] = {"modules": {}}
-    if latest.exists():
-        try:
-            doc = json.loads(latest.read_text())
-        except ValueError:
-            doc = {"modules": {}}
-    doc.setdefault("modules", {})
-    doc["machine"] = report.machine()
-    doc["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    doc["argv"] = sys.argv[1:] if argv is None else argv
+    machine = report.machine()
     failed = 0
+    doc: dict[str, Any] = {}
     for name in chosen:
         print(
             f"bench: running {name} ({'quick' if args.quick else 'full'}, x{args.repeat})",
             file=sys.stderr,
         )
-        doc["modules"][name] = res = run_module(name, args.quick, args.repeat)
+        res = run_module(name, args.quick, args.repeat)
         failed += "error" in res
-        tmp = latest.with_suffix(".tmp")  # save after each module: nothing lost on a later crash
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-        tmp.replace(latest)
+        meta = {"machine": machine, "argv": sys.argv[1:] if argv is None else argv}
+        doc = save_module(latest, name, res, meta)  # after each module: nothing lost on a crash
     report.write_report(doc, RESULTS)
     print(f"bench: wrote {latest}, {RESULTS / 'REPORT.md'} and plots", file=sys.stderr)
     return 1 if failed else 0

@@ -176,3 +176,22 @@ def test_readme_block_from_sample_json(tmp_path: Path) -> None:
     readme_md.write_text("no markers here\n")
     assert readme.main(["--json", str(sample), "--readme", str(readme_md)]) == 1
     assert readme_md.read_text() == "no markers here\n"
+
+
+def test_save_module_merges_entries(tmp_path: Path) -> None:
+    from bench.__main__ import save_module
+
+    latest = tmp_path / "latest.json"
+    latest.write_text(json.dumps({"modules": {"old": {"result": {"a": 1}}}, "date": "then"}))
+    save_module(latest, "io", {"result": {"b": 2}}, {"argv": ["--only", "io"]})
+    doc = save_module(latest, "swap", {"error": "boom"}, {"argv": ["--only", "swap"]})
+    assert json.loads(latest.read_text()) == doc
+    assert doc["modules"] == {
+        "old": {"result": {"a": 1}},
+        "io": {"result": {"b": 2}},
+        "swap": {"error": "boom"},
+    }
+    assert doc["argv"] == ["--only", "swap"] and doc["date"] != "then"
+    latest.write_text("[1, 2]")  # a file that is not an object is replaced, not fatal
+    assert save_module(latest, "io", {"result": {}}, {})["modules"] == {"io": {"result": {}}}
+    assert list(tmp_path.iterdir()) == [latest]  # no temporary file left
