@@ -291,18 +291,30 @@ def write_comparison_plots(doc: dict[str, Any], outdir: Path) -> list[Path]:
     path = outdir / "scaling.png"
     walls, mems = _pairs(doc, wall_rows), _pairs(doc, mem_rows)
     if len(walls) >= 2:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=80)
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=80)
+        xlabel = "program data (MiB); the cgroup limit scales with it"
         for ax, pairs, title, unit in ((axes[0], walls, "swap workload wall time", "s"),
-                                       (axes[1], mems, "memory at the peak", "MiB")):  # fmt: skip
+                                       (axes[1], mems, "memory after fill", "MiB")):  # fmt: skip
             xs = [float(p[0].split()[0]) for p in pairs]
             for i, name in enumerate(("zcached", "zram lz4")):
                 ax.errorbar(xs, [p[1 + i][0] for p in pairs],
                             yerr=np.array([p[1 + i][1] for p in pairs]).T,
                             marker="o", capsize=3, label=name)  # fmt: skip
-            ax.set_xlabel("program data (MiB); cgroup limit = 1/4 of it")
+            ax.set_xlabel(xlabel)
             ax.set_ylabel(unit)
             ax.set_title(title)
             ax.legend()
+        ax = axes[2]
+        for key, label, goal in (("wall_s", "wall time", 1.5), ("mem_used_total", "memory", 1.05)):
+            pts = [(p[0], _node(doc, "swap", f"scaling.{n}.ratio_to_zram.{key}")[0])
+                   for n, p in zip(names, wall_rows, strict=True)]  # fmt: skip
+            xs = [float(lab.split()[0]) for lab, v in pts if v is not None]
+            ax.plot(xs, [v for _, v in pts if v is not None], marker="o", label=label)
+            ax.axhline(goal, ls="--", lw=0.8, color="k")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("zcached / zram")
+        ax.set_title("ratios (dashed: goals 1.5x wall, 1.05x memory)")
+        ax.legend()
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
