@@ -138,3 +138,28 @@ def test_threads_share_one_codec(name: str) -> None:
     for t in threads:
         t.join()
     assert not errors
+
+
+@pytest.mark.parametrize(("name", "level"), CODECS)
+def test_decode_checked_returns_the_page_or_raises(name: str, level: int | None) -> None:
+    """The read hot path: decode and checksum in one call; every failure is a CodecError."""
+    c = Codec(name, level)
+    page = text_page(3)
+    kind, blob, csum = c.encode(page)
+    assert kind == COMPRESSED and isinstance(blob, bytes)
+    assert c.decode_checked(kind, blob, csum) == page
+    with pytest.raises(CodecError, match="checksum"):
+        c.decode_checked(kind, blob, csum ^ 1)
+    with pytest.raises(CodecError):
+        c.decode_checked(kind, blob[: len(blob) // 2], csum)  # truncated blob
+    short = c.compress(page[:2048])  # a valid blob of half a page
+    with pytest.raises(CodecError):
+        c.decode_checked(COMPRESSED, short, codec.checksum(page[:2048]))
+    raw = os.urandom(PAGE_SIZE)
+    hkind, hblob, hcsum = c.encode(raw)
+    assert hkind == HUGE and isinstance(hblob, bytes)
+    assert c.decode_checked(hkind, hblob, hcsum) == raw
+    with pytest.raises(CodecError):
+        c.decode_checked(HUGE, raw[:-1], hcsum)
+    with pytest.raises(CodecError, match="checksum"):
+        c.decode_checked(HUGE, raw[:-1] + bytes([raw[-1] ^ 1]), hcsum)

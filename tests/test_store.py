@@ -273,6 +273,56 @@ def test_corrupt_object_is_eio_never_data(compressor: str, where: int) -> None:
     assert s.checksum_errors == 2 and s.failed_reads == 2
 
 
+def test_read_counters_count_pages_read_not_failed_ones() -> None:
+    """Reads are counted per stripe under the stripe lock; a failed read is taken back out."""
+    store = PageStore(2 * MiB)
+    data = text(200 * PAGE_SIZE, 3)
+    store.write(0, data)
+    store.read(0, PAGE_SIZE)  # the 4K fast path
+    store.read(70 * PAGE_SIZE, 100)  # a part of one page
+    store.read(60 * PAGE_SIZE + 5, 10 * PAGE_SIZE)  # 11 pages across two stripes
+    assert store.stats().reads == 1 + 1 + 11
+    tamper(store, 65)
+    with pytest.raises(StoreError):
+        store.read(65 * PAGE_SIZE, PAGE_SIZE)
+    with pytest.raises(StoreError):
+        store.read(60 * PAGE_SIZE, 10 * PAGE_SIZE)
+    s = store.stats()
+    assert s.reads == 13 and s.failed_reads == 2 and s.checksum_errors == 2
+
+
+@pytest.mark.parametrize("compressor", ["lz4", "zstd"])
+def test_every_read_shape_matches_the_data(compressor: str) -> None:
+    """Aligned 4K, unaligned and multi-page reads (over stripe boundaries, over empty, same and
+    huge pages, over objects that straddle two pool pages) all return the written bytes."""
+    store = PageStore(2 * MiB, compressor=compressor)
+    rnd = random.Random(5)
+    model = bytearray(2 * MiB)
+    for i in range(300):  # pages of many compressed sizes, so objects straddle pool pages
+        page = text(rnd.randrange(1, PAGE_SIZE), i) + os.urandom(rnd.randrange(0, 2000))
+        page = os.urandom(PAGE_SIZE) if i % 10 == 9 else (page + bytes(PAGE_SIZE))[:PAGE_SIZE]
+        store.write(i * PAGE_SIZE, page)
+        model[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = page
+    store.write(300 * PAGE_SIZE, b"\x07" * PAGE_SIZE)  # a same-filled page
+    model[300 * PAGE_SIZE : 301 * PAGE_SIZE] = b"\x07" * PAGE_SIZE
+    assert {store._state[p] for p in range(301)} >= {SAME, COMPRESSED, HUGE}
+    P = PAGE_SIZE
+    for off, length in [(0, P), (299 * P, P), (63 * P, 2 * P),
+                        (10, P), (5, 1), (0, 256 * PAGE_SIZE), (123, 256 * PAGE_SIZE),
+                        (298 * PAGE_SIZE, 10 * PAGE_SIZE), (2 * MiB - PAGE_SIZE, PAGE_SIZE),
+                        (2 * MiB - 1, 1), (0, 0)]:  # fmt: skip
+        assert store.read(off, length) == bytes(model[off : off + length]), (off, length)
+    for _ in range(300):
+        p = rnd.randrange(320)
+        assert store.read(p * PAGE_SIZE, PAGE_SIZE) == bytes(
+            model[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]
+        )
+    with pytest.raises(StoreError):
+        store.read(2 * MiB, PAGE_SIZE)  # past the end: not the fast path's business
+    with pytest.raises(StoreError):
+        store.read(-PAGE_SIZE, PAGE_SIZE)
+
+
 def test_scrub_finds_corrupt_pages() -> None:
     store = PageStore(1 * MiB)
     store.write(0, text(100 * PAGE_SIZE, 11) + os.urandom(PAGE_SIZE) + bytes(PAGE_SIZE))

@@ -38,6 +38,9 @@ from typing import Final
 import lz4.block
 import xxhash
 import zstandard
+from lz4.block import LZ4BlockError as _LZ4Error
+from lz4.block import decompress as _lz4_decompress
+from xxhash import xxh3_64_intdigest as _xxh3
 
 PAGE_SIZE: Final = 4096
 WORD: Final = 8
@@ -176,10 +179,28 @@ class Codec:
     def decode(self, kind: int, stored: bytes) -> bytes:
         """The page from what the allocator held (COMPRESSED or HUGE); CodecError if bad.
 
-        The caller still verifies :func:`checksum` of the result.
+        The caller still verifies :func:`checksum` of the result (or uses
+        :meth:`decode_checked`).
         """
         if kind == HUGE:
             if len(stored) != PAGE_SIZE:
                 raise CodecError(f"huge page of {len(stored)} bytes, not {PAGE_SIZE}")
             return stored
         return self.decompress(stored)
+
+    def decode_checked(self, kind: int, stored: bytes, csum: int) -> bytes:
+        """:meth:`decode`, then the page must match ``csum`` (:func:`checksum`): CodecError
+        otherwise.  The page store's read hot path, so the LZ4 case is inlined (one C call for
+        the decompression, one for the checksum)."""
+        if kind == COMPRESSED and self._zparams is None:
+            try:
+                page: bytes = _lz4_decompress(stored, PAGE_SIZE)
+            except _LZ4Error as e:
+                raise CodecError(f"lz4: {e}") from None
+            if len(page) != PAGE_SIZE:
+                raise CodecError(f"lz4: blob decoded to {len(page)} bytes, not {PAGE_SIZE}")
+        else:
+            page = self.decode(kind, stored)
+        if _xxh3(page) & 0xFFFFFFFF != csum:
+            raise CodecError("checksum mismatch")
+        return page

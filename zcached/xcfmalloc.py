@@ -60,19 +60,6 @@ Design (N. Gupta's xcfmalloc from linux-mm, 2011; cf. mm/zsmalloc.c):
   space a worker heap holds stays within max(a/4, 2 vpages) (plus the vpage being filled),
   however the frees are spread; compaction runs in every heap.
 
-  Why f = 1/4: it caps a worker heap's slot capacity at u / (1 - f) = 4/3 of its live slots
-  between compaction runs, which is the same order as the daemon's trigger (compact when the
-  pool passes 1 / (1 - 0.1) = 1.11x the bytes in use), and the real cost is lower because
-  empty 4K pages inside a vpage are already given back one by one.  A smaller f would make a
-  heap under random frees hand vpages over (two locks, a walk of the vpage's slots) almost
-  every free; a larger one lets a worker sit on more of the pool.  Why K = 2: hysteresis for
-  the many small classes where a worker heap holds one or two vpages.  With K = 0 such a heap
-  would hand over its only partly used vpage once it is a quarter empty and take it straight
-  back (as the global heap's fullest) at its next alloc, a round trip per free/alloc pair;
-  with K = 2 it keeps up to two vpages' worth of free slots whatever f says, which costs at
-  most 2 vpages of slots per class and worker (less in pages, see above).  Checked by
-  tests/test_xcfmalloc.py (the bound) and measured end to end by bench/compact_bench.py.
-
 * Locking.  Each heap of each class has its own lock (``_Heap.lock``): it guards the heap's
   groups and counters and every array entry of the vpages it owns, including the handle-table
   entries of their objects.  To reach an object by handle, read its vpage's owner, lock that
@@ -96,7 +83,6 @@ import itertools
 import mmap
 import sys
 import threading
-import time
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -794,13 +780,46 @@ class XcfMalloc:
             heap.lock.release()
 
     def read(self, handle: int) -> bytes:
-        cls, index = self._split(handle)
+        """A copy of the object's bytes.  The hot path of every page read, so the common case
+        (the owner heap did not change while we locked it) is inlined: one lock, one or two
+        slices of the arena; anything else takes the general :meth:`_lock_owner` path."""
+        cls = self._classes[handle & HANDLE_CLASS_MASK]
+        index = handle >> HANDLE_CLASS_BITS
+        h_loc = cls.h_loc
+        if 0 < index < len(h_loc):
+            loc = h_loc[index]
+            if loc != DEAD:
+                vp = (loc >> LOC_DELTA_BITS) // cls.opv
+                hid = cls.vp_heap[vp]
+                heap = cls.heaps[hid]
+                with heap.lock:
+                    if h_loc[index] == loc and cls.vp_heap[vp] == hid:
+                        return self._read_loc(cls, loc)
         heap = self._lock_owner(cls, index)
         try:
-            loc = cls.h_loc[index]
-            return cls.read_slot(loc >> LOC_DELTA_BITS, cls.length_of(loc))
+            return self._read_loc(cls, cls.h_loc[index])
         finally:
             heap.lock.release()
+
+    def _read_loc(self, cls: _SizeClass, loc: int) -> bytes:
+        """The bytes at handle-table location ``loc`` (caller holds the owner heap's lock)."""
+        size = cls.size
+        length = size - (loc & LOC_DELTA_MASK)
+        vp, slot = divmod(loc >> LOC_DELTA_BITS, cls.opv)
+        off = slot * size
+        pfn = cls.pfn[vp * cls.ppv + (off >> PAGE_SHIFT)]
+        off &= PAGE_SIZE - 1
+        start = ((pfn & (CHUNK_PAGES - 1)) << PAGE_SHIFT) + off
+        views = self._arena.views
+        if off + length <= PAGE_SIZE:
+            return views[pfn >> CHUNK_SHIFT][start : start + length].tobytes()
+        head = PAGE_SIZE - off
+        nxt = cls.pfn[vp * cls.ppv + ((slot * size) >> PAGE_SHIFT) + 1]
+        nstart = (nxt & (CHUNK_PAGES - 1)) << PAGE_SHIFT
+        return (
+            views[pfn >> CHUNK_SHIFT][start : start + head].tobytes()
+            + views[nxt >> CHUNK_SHIFT][nstart : nstart + length - head].tobytes()
+        )
 
     def size(self, handle: int) -> int:
         cls, index = self._split(handle)
@@ -829,7 +848,6 @@ class XcfMalloc:
                     moved += step
                     if step < budget:
                         break
-                    time.sleep(0)  # let a thread waiting for the GIL in (see Locking)
         return moved
 
     def fragmentation(self) -> list[tuple[int, int, int]]:
