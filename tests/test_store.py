@@ -273,6 +273,33 @@ def test_corrupt_object_is_eio_never_data(compressor: str, where: int) -> None:
     assert s.checksum_errors == 2 and s.failed_reads == 2
 
 
+def test_counters_of_4k_writes_and_of_other_requests_add_up() -> None:
+    """4K writes count in per-stripe counters, other requests under the stats lock; stats()
+    must add them up to what the page table holds, whatever mix of requests ran."""
+    store = PageStore(2 * MiB)
+    rnd = random.Random(9)
+    writes = 0
+    kinds = [text(PAGE_SIZE, 1), bytes(PAGE_SIZE), b"\x05" * PAGE_SIZE, os.urandom(PAGE_SIZE)]
+    for _ in range(400):
+        p = rnd.randrange(store.npages - 4)
+        op = rnd.randrange(4)
+        if op == 0:
+            store.write(p * PAGE_SIZE, rnd.choice(kinds))  # the 4K fast path
+            writes += 1
+        elif op == 1:
+            store.write(p * PAGE_SIZE, b"".join(rnd.choice(kinds) for _ in range(3)))
+            writes += 3
+        elif op == 2:
+            store.write(p * PAGE_SIZE + 100, rnd.choice(kinds))  # two edge pages
+            writes += 2
+        else:
+            store.discard(p * PAGE_SIZE, rnd.choice((PAGE_SIZE, 3 * PAGE_SIZE, 5000)))
+        check_accounting(store)
+    s = store.stats()
+    assert s.writes == writes
+    assert s.same_pages > 0 and s.huge_pages > 0 and s.discards > 0
+
+
 def test_read_counters_count_pages_read_not_failed_ones() -> None:
     """Reads are counted per stripe under the stripe lock; a failed read is taken back out."""
     store = PageStore(2 * MiB)

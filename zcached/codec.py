@@ -39,6 +39,7 @@ import lz4.block
 import xxhash
 import zstandard
 from lz4.block import LZ4BlockError as _LZ4Error
+from lz4.block import compress as _lz4_compress
 from lz4.block import decompress as _lz4_decompress
 from xxhash import xxh3_64_intdigest as _xxh3
 
@@ -170,8 +171,11 @@ class Codec:
         first = page[:WORD]
         if first == page[PAGE_SIZE - WORD :] and page == first * WORDS_PER_PAGE:
             return SAME, int.from_bytes(first, _BYTEORDER), 0
-        blob = self.compress(page)
-        csum = xxhash.xxh3_64_intdigest(page) & 0xFFFFFFFF
+        if self._zparams is None:  # LZ4 inline: this runs for every page written
+            blob = _lz4_compress(page, store_size=False, acceleration=self.level)
+        else:
+            blob = self.compress(page)
+        csum = _xxh3(page) & 0xFFFFFFFF
         if len(blob) >= self.huge_threshold:
             return HUGE, page, csum
         return COMPRESSED, blob, csum

@@ -165,12 +165,18 @@ class PageStore:
         self._stripe_reads = [0] * NSTRIPES
         self._aread = self.allocator.read
         self._decode = self.codec.decode_checked
+        self._astore = self.allocator.store
+        self._afree = self.allocator.free
+        # Per stripe, 4 slots (EMPTY, SAME, COMPRESSED, HUGE): changes in the number of pages
+        # in each state made by 4K writes, and the pages those writes wrote, counted under the
+        # stripe lock.  stats() adds them to the stats-lock counters.
+        self._stripe_counts = [0] * (4 * NSTRIPES)
+        self._stripe_writes = [0] * NSTRIPES
         self._workers = max(1, min(os.cpu_count() or 1, 4))
         self._parallel = self.codec.parallel_batches and self._workers > 1
         self._pool: ThreadPoolExecutor | None = None
         self._stat_lock = threading.Lock()
         self._pages_stored = 0
-        self._compr = 0
         self._same = 0
         self._huge = 0
         self._failed_reads = 0
@@ -358,42 +364,35 @@ class PageStore:
         self._release(old, added=new, io_pages=last - first + 1)
 
     def _write_page(self, p: int, page: bytes) -> None:
-        """The fast path: one aligned 4K page (what swap sends most), no lists, no hand-off."""
+        """The fast path: one aligned 4K page (what swap sends most), no lists, no hand-off,
+        no stats lock: the page's state change is counted in its stripe's counters under the
+        stripe lock it takes anyway."""
         kind, payload, csum = self.codec.encode(page)
-        size = 0
         if kind == SAME:
             assert isinstance(payload, int)
             h, csum = payload & U32, payload >> 32
         else:
             assert isinstance(payload, bytes)
-            size = len(payload)
             try:
-                h = self.allocator.store(payload)
+                h = self._astore(payload)
             except PoolFullError as e:
                 with self._stat_lock:
                     self._failed_writes += 1
                 raise StoreError(errno.ENOSPC, f"pool memory limit reached: {e}") from None
         state, handle = self._state, self._handle
-        with self._locks[(p >> STRIPE_SHIFT) & STRIPE_MASK]:
+        s = (p >> STRIPE_SHIFT) & STRIPE_MASK
+        counts = self._stripe_counts
+        with self._locks[s]:
             old_state, old_h = state[p], handle[p]
             state[p] = kind
             handle[p] = h
             self._csum[p] = csum
-        d_stored, d_same, d_huge = 1, int(kind == SAME), int(kind == HUGE)
-        if old_state:
-            d_stored = 0
-            if old_state == SAME:
-                d_same -= 1
-            else:
-                size -= self.allocator.size(old_h)
-                self.allocator.free(old_h)
-                d_huge -= old_state == HUGE
-        with self._stat_lock:
-            self._pages_stored += d_stored
-            self._compr += size
-            self._same += d_same
-            self._huge += d_huge
-            self._writes += 1
+            self._stripe_writes[s] += 1
+            s <<= 2
+            counts[s + kind] += 1
+            counts[s + old_state] -= 1  # slot EMPTY of a stripe: meaningless, never read
+        if old_state > SAME:
+            self._afree(old_h)
 
     def _encode_run(self, buf: bytes, pos: int, lo: int, hi: int) -> list[Entry]:
         """Encode and store pages lo..hi-1 taken from buf[pos:]; all or nothing."""
@@ -537,27 +536,24 @@ class PageStore:
         discarded: int = 0,
     ) -> None:
         """Free replaced objects (no lock held) and account for the change."""
-        alloc = self.allocator
-        d_stored = d_compr = d_same = d_huge = 0
+        free = self._afree
+        d_stored = d_same = d_huge = 0
         for st, h, _ in old:
             d_stored -= 1
             if st == SAME:
                 d_same -= 1
             else:
-                d_compr -= alloc.size(h)
-                alloc.free(h)
+                free(h)
                 if st == HUGE:
                     d_huge -= 1
-        for _, st, _, _, size in added or ():
+        for _, st, _, _, _ in added or ():
             d_stored += 1
-            d_compr += size
             if st == SAME:
                 d_same += 1
             elif st == HUGE:
                 d_huge += 1
         with self._stat_lock:
             self._pages_stored += d_stored
-            self._compr += d_compr
             self._same += d_same
             self._huge += d_huge
             if discarded:
@@ -655,23 +651,26 @@ class PageStore:
 
     def stats(self) -> StoreStats:
         pool = self.allocator.stats()
+        counts = self._stripe_counts
+        by_state = [sum(counts[k::4]) for k in range(4)]  # by_state[EMPTY] is meaningless
         with self._stat_lock:
+            stored = self._pages_stored + by_state[SAME] + by_state[COMPRESSED] + by_state[HUGE]
             return StoreStats(
-                orig_data_size=self._pages_stored << PAGE_SHIFT,
-                compr_data_size=self._compr,
+                orig_data_size=stored << PAGE_SHIFT,
+                compr_data_size=pool.requested_bytes,  # the pool holds only our objects
                 mem_used_total=pool.pool_bytes,
                 mem_limit=self.mem_limit,
                 mem_used_max=pool.pool_bytes_max,
-                same_pages=self._same,
+                same_pages=self._same + by_state[SAME],
                 pages_compacted=pool.pages_compacted,
-                huge_pages=self._huge,
+                huge_pages=self._huge + by_state[HUGE],
                 failed_reads=self._failed_reads,
                 failed_writes=self._failed_writes,
                 checksum_errors=self._checksum_errors,
                 reads=self._reads + sum(self._stripe_reads),
-                writes=self._writes,
+                writes=self._writes + sum(self._stripe_writes),
                 discards=self._discards,
-                pages_stored=self._pages_stored,
+                pages_stored=stored,
                 npages=self.npages,
                 table_bytes=TABLE_BYTES_PER_PAGE * self.npages,
             )

@@ -746,14 +746,39 @@ class XcfMalloc:
             return self._alloc_locked(heap, size)
 
     def store(self, data: Buffer) -> int:
-        """alloc(len(data)) and write(data) under one hold of the heap lock."""
-        view = memoryview(data).cast("B")
-        cls = self._class_for(len(view))
+        """alloc(len(data)) and write(data) under one hold of the heap lock.  The hot path of
+        every page written: bytes go into the arena as they are (no memoryview), and the copy
+        is inlined (:meth:`_write_loc`)."""
+        view = data if type(data) is bytes else memoryview(data).cast("B")
+        size = len(view)
+        if not 1 <= size <= MAX_OBJECT:
+            raise ValueError(f"xcfmalloc: object size {size} is not in 1..{MAX_OBJECT}")
+        cls = self._classes[(size - 1) >> CLASS_SHIFT]
         heap = cls.heaps[self._heap_id()]
         with heap.lock:
-            handle = self._alloc_locked(heap, len(view))
-            cls.write_slot(cls.h_loc[handle >> HANDLE_CLASS_BITS] >> LOC_DELTA_BITS, view)
+            handle = self._alloc_locked(heap, size)
+            self._write_loc(cls, cls.h_loc[handle >> HANDLE_CLASS_BITS], view)
             return handle
+
+    def _write_loc(self, cls: _SizeClass, loc: int, data: bytes | memoryview) -> None:
+        """Copy ``data`` (the object's full length) to location ``loc`` (caller holds the owner
+        heap's lock); the inverse of :meth:`_read_loc`."""
+        size = cls.size
+        vp, slot = divmod(loc >> LOC_DELTA_BITS, cls.opv)
+        off = slot * size
+        pfn = cls.pfn[vp * cls.ppv + (off >> PAGE_SHIFT)]
+        off &= PAGE_SIZE - 1
+        start = ((pfn & (CHUNK_PAGES - 1)) << PAGE_SHIFT) + off
+        views = self._arena.views
+        length = len(data)
+        if off + length <= PAGE_SIZE:
+            views[pfn >> CHUNK_SHIFT][start : start + length] = data
+            return
+        head = PAGE_SIZE - off
+        nxt = cls.pfn[vp * cls.ppv + ((slot * size) >> PAGE_SHIFT) + 1]
+        nstart = (nxt & (CHUNK_PAGES - 1)) << PAGE_SHIFT
+        views[pfn >> CHUNK_SHIFT][start : start + head] = data[:head]
+        views[nxt >> CHUNK_SHIFT][nstart : nstart + length - head] = data[head:]
 
     def free(self, handle: int) -> None:
         cls, index = self._split(handle)
