@@ -1,8 +1,9 @@
 """bench/__main__: ``python -m bench [--quick] [--only NAME ...] [--repeat N]`` (``make bench``).
 
-Owns: finding every ``bench/*_bench.py``, running each module's ``run(quick) -> dict`` N times,
-keeping one module's failure from losing the others, and writing bench/results/latest.json,
-REPORT.md and the PNG plots (through bench.report).  Must NOT measure anything itself.
+Owns: finding every ``bench/*_bench.py``, running each module's ``run(quick) -> dict`` N times
+(at most the module's ``MAX_REPEAT`` if it sets one), keeping one module's failure from losing
+the others, and writing bench/results/latest.json, REPORT.md and the PNG plots (through
+bench.report).  Must NOT measure anything itself.
 
 Result shape (latest.json): {"machine": {...}, "date": ..., "argv": ..., "modules": {NAME:
 {"result": tree, "spread": tree | absent, "repeat": N, "quick": bool, "seconds": s, "date": ...}
@@ -76,6 +77,9 @@ def run_module(name: str, quick: bool, repeat: int) -> dict[str, Any]:
     t0 = time.time()
     try:
         mod = importlib.import_module(f"bench.{name}_bench")
+        cap = getattr(mod, "MAX_REPEAT", None)  # a module may cap its runs (very long ones)
+        if isinstance(cap, int) and cap >= 1:
+            repeat = min(repeat, cap)
         runs = []
         for i in range(repeat):
             r = mod.run(quick)

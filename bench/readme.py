@@ -130,18 +130,31 @@ def io_rows(doc: dict[str, Any]) -> list[str]:
     return rows
 
 
+SWAP_MODULES = ("swap", "swapscale")  # 1x (repeated) and 2x/4x (once): same result shape
+
+
+def _scaled(doc: dict[str, Any]) -> list[tuple[Source, str]]:
+    """(module, "xN") for every swap workload size in the JSON, smallest first."""
+    out = []
+    for name in SWAP_MODULES:
+        src = Source(doc, name)
+        scaling = _get(src.result, "scaling") if src.ok else None
+        if isinstance(scaling, dict):
+            out += [(src, n) for n in scaling if n[1:].isdigit()]
+    return sorted(out, key=lambda p: int(p[1][1:]))
+
+
 def swap_rows(doc: dict[str, Any]) -> list[str]:
-    sw = Source(doc, "swap")
-    scaling = _get(sw.result, "scaling") if sw.ok else None
-    names = sorted(scaling, key=lambda n: int(n[1:])) if isinstance(scaling, dict) else ["x1"]
     rows = []
-    for n in names:
+    for sw, n in _scaled(doc) or [(Source(doc, "swap"), "x1")]:
         data, limit = sw.value(f"scaling.{n}.data_MiB"), sw.value(f"scaling.{n}.limit_MiB")
         label = (
             f"swap workload wall time, {data:.0f} MiB in a {limit:.0f} MiB cgroup"
             if data and limit
             else "swap workload wall time"
         )
+        if sw.repeat == 1 and data and limit:
+            label += " (1 run)"
         rows.append(_row(
             label, _secs(sw.value(f"scaling.{n}.zcached.wall_s")),
             _secs(sw.value(f"scaling.{n}.zram_lz4.wall_s")),

@@ -261,16 +261,20 @@ def write_comparison_plots(doc: dict[str, Any], outdir: Path) -> list[Path]:
              "zram_lz4.randread_4k_qd32_iops", 1000),
         ])),
     ]  # fmt: skip
-    swap = (doc.get("modules", {}).get("swap") or {}).get("result") or {}
-    scaled: dict[str, Any] = swap["scaling"] if isinstance(swap.get("scaling"), dict) else {}
-    names = sorted(scaled, key=lambda n: int(n[1:]) if n[1:].isdigit() else 0)
+    names = []  # (module, "xN"): the swap workload sizes, 1x in "swap", 2x/4x in "swapscale"
+    for module in ("swap", "swapscale"):
+        res = (doc.get("modules", {}).get(module) or {}).get("result") or {}
+        scaled = res.get("scaling") if isinstance(res, dict) else None
+        if isinstance(scaled, dict):
+            names += [(module, n) for n in scaled if n[1:].isdigit()]
+    names.sort(key=lambda mn: int(mn[1][1:]))
     mem_rows, wall_rows = [], []
-    for n in names:
+    for module, n in names:
         at = f"scaling.{n}"
-        data, _ = _node(doc, "swap", f"{at}.data_MiB")
+        data, _ = _node(doc, module, f"{at}.data_MiB")
         lab = f"{data:.0f} MiB" if data else n
-        wall_rows.append((lab, "swap", f"{at}.zcached.wall_s", f"{at}.zram_lz4.wall_s", 1.0))
-        mem_rows.append((lab, "swap", f"{at}.zcached.at_fill.mem_used_total",
+        wall_rows.append((lab, module, f"{at}.zcached.wall_s", f"{at}.zram_lz4.wall_s", 1.0))
+        mem_rows.append((lab, module, f"{at}.zcached.at_fill.mem_used_total",
                          f"{at}.zram_lz4.at_fill.mem_used_total", mib))  # fmt: skip
     panels.append(("memory holding the swapped pages (swap bench)", "MiB", _pairs(doc, mem_rows)))
     panels.append(("swap workload wall time", "s", _pairs(doc, wall_rows)))
@@ -306,8 +310,8 @@ def write_comparison_plots(doc: dict[str, Any], outdir: Path) -> list[Path]:
             ax.legend()
         ax = axes[2]
         for key, label, goal in (("wall_s", "wall time", 1.5), ("mem_used_total", "memory", 1.05)):
-            pts = [(p[0], _node(doc, "swap", f"scaling.{n}.ratio_to_zram.{key}")[0])
-                   for n, p in zip(names, wall_rows, strict=True)]  # fmt: skip
+            pts = [(p[0], _node(doc, m, f"scaling.{n}.ratio_to_zram.{key}")[0])
+                   for (m, n), p in zip(names, wall_rows, strict=True)]  # fmt: skip
             xs = [float(lab.split()[0]) for lab, v in pts if v is not None]
             ax.plot(xs, [v for _, v in pts if v is not None], marker="o", label=label)
             ax.axhline(goal, ls="--", lw=0.8, color="k")

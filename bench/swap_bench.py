@@ -5,8 +5,9 @@ cgroup v1 (``/sys/fs/cgroup/memory/zcached-bench-<pid>``, swappiness 100) that f
 real heap pages (bench.corpus), then reads, verifies and rewrites every page in a fresh random
 order for a few passes; run once with the zcached daemon (``zcached run --swap``, started as a
 subprocess OUTSIDE the cgroup) as the only swap and once with /dev/zram0 (lz4, mkswap + swapon,
-same priority and discard flag as the daemon) as the only swap; same data, same limit; at 1x,
-2x and 4x the data (the limit scales with the data so the workload keeps its shape).
+same priority and discard flag as the daemon) as the only swap; same data, same limit.  This
+module runs 1x (512 MiB in 128 MiB); bench/swapscale_bench.py runs 2x and 4x through
+``run_factors`` (the limit scales with the data so the workload keeps its shape).
 Must NOT: assert on speed, run when other swap is active (the result says "skipped" and why),
 or leave anything behind: swapoff, zram reset (bench.zram.Zram), cgroup rmdir and SIGTERM of
 the daemon pid it started happen in ``finally`` blocks.
@@ -492,10 +493,14 @@ def compare(nbytes: int, limit: int, passes: int, corpus: Path) -> dict[str, Any
 
 
 def run(quick: bool) -> dict[str, Any]:
+    """The 1x size (repeated by ``--repeat``); 2x and 4x are bench/swapscale_bench.py."""
+    return run_factors(quick, (1,))
+
+
+def run_factors(quick: bool, factors: tuple[int, ...]) -> dict[str, Any]:
     from bench.corpus import RESULTS, heap_pages
 
     base, limit, passes = (128 << 20, 48 << 20, 2) if quick else (512 << 20, 128 << 20, 3)
-    factors = (1, 2) if quick else (1, 2, 4)
     nbytes = (32 << 20) if quick else CORPUS_BYTES
     heap_pages(nbytes)  # builds the cached corpus file if needed (page cache outside the cgroup)
     corpus = RESULTS / f"corpus-{nbytes}.bin"

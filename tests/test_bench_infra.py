@@ -125,15 +125,25 @@ def _sample_doc() -> dict[str, object]:
                 "repeat": 3,
                 "result": {
                     "scaling": {
-                        "x2": {"data_MiB": 1024, "limit_MiB": 256,
-                               "zcached": {"wall_s": 90.0}, "zram_lz4": {"wall_s": 60.0},
-                               "ratio_to_zram": {"wall_s": 1.5}},
                         "x1": {"data_MiB": 512, "limit_MiB": 128,
                                "zcached": ours, "zram_lz4": zram,
                                "ratio_to_zram": {"wall_s": 1.25, "mem_used_total": 0.97}},
                     }
                 },
                 "spread": {"scaling": {"x1": {"ratio_to_zram": {"wall_s": [1.1, 1.4]}}}},
+            },
+            "swapscale": {
+                "repeat": 1,
+                "result": {
+                    "scaling": {
+                        "x4": {"data_MiB": 2048, "limit_MiB": 512,
+                               "zcached": {"wall_s": 200.0}, "zram_lz4": {"wall_s": 100.0},
+                               "ratio_to_zram": {"wall_s": 2.0}},
+                        "x2": {"data_MiB": 1024, "limit_MiB": 256,
+                               "zcached": {"wall_s": 90.0}, "zram_lz4": {"wall_s": 60.0},
+                               "ratio_to_zram": {"wall_s": 1.5}},
+                    }
+                },
             },
             "io": {"repeat": 3, "error": "RuntimeError: fio failed"},
         },
@@ -148,9 +158,10 @@ def test_readme_block_from_sample_json(tmp_path: Path) -> None:
     rows = {ln.split("|")[1].strip(): ln for ln in body.splitlines() if ln.startswith("| ")}
     x1 = rows["swap workload wall time, 512 MiB in a 128 MiB cgroup"]
     assert "| 50.0 s | 40.0 s | **1.25x** (1.10..1.40) | <= 1.5x |" in x1
-    x2 = rows["swap workload wall time, 1024 MiB in a 256 MiB cgroup"]
+    x2 = rows["swap workload wall time, 1024 MiB in a 256 MiB cgroup (1 run)"]
     assert "| 90.0 s | 60.0 s | **1.50x** |" in x2
-    assert body.index("512 MiB in") < body.index("1024 MiB in")  # x1 before x2
+    assert "| 200.0 s | 100.0 s | **2.00x** |" in body
+    assert body.index("512 MiB in") < body.index("1024 MiB in") < body.index("2048 MiB in")
     mem = next(v for k, v in rows.items() if k.startswith("memory holding a 512 MiB"))
     assert "| 97.0 MiB | 100.0 MiB | **0.97x** |" in mem
     rss = rows["same, daemon RSS growth (all of zcached's memory)"]
@@ -195,3 +206,12 @@ def test_save_module_merges_entries(tmp_path: Path) -> None:
     latest.write_text("[1, 2]")  # a file that is not an object is replaced, not fatal
     assert save_module(latest, "io", {"result": {}}, {})["modules"] == {"io": {"result": {}}}
     assert list(tmp_path.iterdir()) == [latest]  # no temporary file left
+
+
+def test_comparison_plots_from_sample_json(tmp_path: Path) -> None:
+    from bench import report
+
+    made = report.write_comparison_plots(_sample_doc(), tmp_path)
+    assert sorted(p.name for p in made) == ["compare.png", "scaling.png"]  # 3 sizes: a scaling
+    for p in made:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
