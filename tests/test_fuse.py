@@ -196,6 +196,32 @@ def test_direct_io_roundtrip_through_loop(server: FuseServer, loopdev: str) -> N
     assert st["requests"]["WRITE"] >= 2  # type: ignore[index]
 
 
+@pytest.mark.parametrize("length", [4096, 61440, 65536, 69632, MiB])
+def test_reply_buffer_boundaries(server: FuseServer, length: int) -> None:
+    """Replies up to 64 KiB go out as one buffer (write), bigger ones as header + payload
+    (writev); WRITE replies are one packed buffer.  Every size on both sides of that line
+    round-trips, a read over the end of the device is cut short, and the counters show a
+    request as soon as its caller has the answer."""
+    data = os.urandom(length)
+    before = server.stats()
+    _dio_write(server.image_path, 2 * MiB, data)
+    assert _dio_read(server.image_path, 2 * MiB, length) == data
+    st = server.stats()
+    reqs, old = st["requests"], before["requests"]
+    assert reqs["READ"] > old.get("READ", 0) and reqs["WRITE"] > old.get("WRITE", 0)  # type: ignore[attr-defined,index]
+    assert st["bytes_read"] - before["bytes_read"] == length  # type: ignore[operator]
+    assert st["bytes_written"] - before["bytes_written"] == length  # type: ignore[operator]
+    tail = SIZE - 4096
+    _dio_write(server.image_path, tail, data[:4096])
+    buf = _aligned(length)
+    fd = os.open(server.image_path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], tail) == 4096  # short read at the end of the device
+    finally:
+        os.close(fd)
+    assert buf[:4096] == data[:4096]
+
+
 def test_unaligned_buffered_writes_to_file(server: FuseServer) -> None:
     model = bytearray(64 * 1024)
     fd = os.open(server.image_path, os.O_RDWR)

@@ -170,7 +170,7 @@ _ENTRY_OUT = struct.Struct("<QQQQII")  # nodeid, generation, entry_valid, attr_v
 _ATTR_OUT = struct.Struct("<QII")  # attr_valid, attr_valid_nsec, dummy
 _SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIII")  # valid, pad, fh, size, ..., mode, _, uid, gid
 _OPEN_OUT = struct.Struct("<QIi")
-_WRITE_OUT = struct.Struct("<II")
+_WRITE_REPLY = struct.Struct("<IiQII")  # fuse_out_header + fuse_write_out in one buffer
 _STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 _FALLOC_IN = struct.Struct("<QQQI")  # fh, offset, length, mode
 _DIRENT = struct.Struct("<QQII")  # ino, off, namelen, type
@@ -527,7 +527,8 @@ class FuseServer:
         hdr_unpack = _IN_HDR.unpack_from
         rw_unpack = _RW_IN.unpack_from
         out_pack = _OUT_HDR.pack
-        write_out_pack = _WRITE_OUT.pack
+        write_reply_pack = _WRITE_REPLY.pack
+        write = os.write
         backend = self.backend
         bread, bwrite = backend.read, backend.write
         size = self.size
@@ -552,7 +553,7 @@ class FuseServer:
             t0 = perf()
             _len, opcode, unique, nodeid = hdr_unpack(buf)
             err = 0
-            reply: list[bytes | memoryview]
+            reply: bytes | list[bytes | memoryview]
             if opcode == READ:
                 _fh, off, length = rw_unpack(buf, _IN_HDR_SIZE)
                 if off >= size:
@@ -564,7 +565,7 @@ class FuseServer:
                     if len(data) != length:
                         raise OSError(errno.EIO, "backend returned a short read")
                     if length <= 65536:  # one buffer: cheaper than writev's iovec for 4K
-                        reply = [out_pack(16 + length, 0, unique) + data]
+                        reply = out_pack(16 + length, 0, unique) + data
                     else:  # no copy of big payloads
                         reply = [out_pack(16 + length, 0, unique), data]
                     nbytes[0] += length
@@ -581,7 +582,7 @@ class FuseServer:
                     if off + length > size:
                         raise OSError(errno.EFBIG, "write past the end of the device")
                     bwrite(off, mv[_WRITE_DATA : _WRITE_DATA + length])
-                    reply = [out_pack(24, 0, unique), write_out_pack(length, 0)]
+                    reply = write_reply_pack(24, 0, unique, length, 0)
                     nbytes[1] += length
                 except OSError as e:
                     err = e.errno or errno.EIO
@@ -612,17 +613,21 @@ class FuseServer:
                     log.exception("FUSE %s failed", OPCODE_NAMES.get(opcode, opcode))
                     err = errno.EIO
             if err:
-                reply = [out_pack(16, -err, unique)]
+                reply = out_pack(16, -err, unique)
                 errors[opcode] += 1
+            # Counted before the reply: once the caller has its answer, stats() shows it.
+            requests[opcode] += 1
             try:
-                writev(fd, reply)
+                if isinstance(reply, bytes):  # one buffer: write(2), no iovec to build
+                    write(fd, reply)
+                else:
+                    writev(fd, reply)
             except OSError as e:
                 if e.errno == ENODEV:
                     return
                 if e.errno != ENOENT:  # ENOENT: the request was interrupted meanwhile
                     log.warning("FUSE reply to %s failed: %s", opcode, e)
             dt = perf() - t0
-            requests[opcode] += 1
             lat_sum[opcode] += dt
             lat[opcode][bisect_right(bounds, dt)] += 1
 
