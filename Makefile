@@ -43,8 +43,8 @@ unit: $(STAMP)
 
 test: deps $(STAMP) lint typecheck unit
 
-# Every bench/*_bench.py against kernel zram (root; ~40 min with 3 repeats, mostly the swap
-# workload at 1x/2x/4x), then the README's comparison block from bench/results/latest.json.
+# Every bench/*_bench.py against kernel zram (root; ~80 min with 3 repeats, mostly the swap
+# workload; see bench/README.md), then the README's comparison block from bench/results/latest.json.
 BENCH_ARGS ?= --repeat 3
 bench: deps $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
