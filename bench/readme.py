@@ -169,11 +169,13 @@ def _header(doc: dict[str, Any]) -> list[str]:
     memtxt = f"{mem / 2**30:.0f} GB RAM, " if mem else ""
     reps = sorted({Source(doc, n).repeat for n in ("io", "swap") if Source(doc, n).ok})
     rep = "/".join(str(r) for r in reps) or "1"
+    mods = [doc.get("modules", {}).get(n) or {} for n in ("io", *SWAP_MODULES)]
+    quick = " QUICK RUN (small sizes, `--quick`)." if any(m.get("quick") for m in mods) else ""
     text = (
         f"Measured {m.get('date', doc.get('date', '?'))} on {m.get('cpu') or 'an unknown CPU'} "
         f"({m.get('nproc', '?')} CPUs, {memtxt}kernel {m.get('kernel', '?')}, "
-        f"Python {m.get('python', '?')}) by `make bench`. Each figure is the median of {rep} "
-        "run(s); both sides ran in the same run on the same real heap pages (bench/README.md). "
+        f"Python {m.get('python', '?')}) by `make bench`.{quick} Each figure is the median of "
+        f"{rep} run(s); both sides ran in the same run on the same real heap pages (bench/README.md). "
         "Ratios are zcached / zram (lz4), min..max over the runs in brackets. All figures: "
         "bench/results/REPORT.md and the plots next to it."
     )
