@@ -176,8 +176,8 @@ def _header(doc: dict[str, Any]) -> list[str]:
         f"({m.get('nproc', '?')} CPUs, {memtxt}kernel {m.get('kernel', '?')}, "
         f"Python {m.get('python', '?')}) by `make bench`.{quick} Each figure is the median of "
         f"{rep} run(s); both sides ran in the same run on the same real heap pages "
-        "(bench/README.md). Ratios are zcached / zram (lz4), min..max over the runs in brackets. All figures: "
-        "bench/results/REPORT.md and the plots next to it."
+        "(bench/README.md). Ratios are zcached / zram (lz4), min..max over the runs in "
+        "brackets. All figures: bench/results/REPORT.md and the plots next to it."
     )
     return textwrap.wrap(text, 100, break_on_hyphens=False)
 
