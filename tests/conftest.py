@@ -11,6 +11,7 @@ belong to a test's own mountpoint (other helpers share the machine).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -214,6 +215,25 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         release_under(str(self.root))
+        drop_stale_lock(str(self.mountpoint))
+
+
+def drop_stale_lock(mountpoint: str) -> None:
+    """Remove the instance lock file a killed daemon left (only if nobody holds it)."""
+    from zcached.daemon import lock_path
+
+    path = lock_path(mountpoint)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+    except OSError:
+        pass  # held: a live daemon's
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
