@@ -493,3 +493,26 @@ def test_sigterm_during_start_up_unwinds(daemon_factory: Callable[..., Daemon]) 
     assert d.terminate() == 0, d.log()
     assert "zcached: stopped" in d.log() and "Traceback" not in d.log()
     assert traces(str(d.root)) == NOTHING
+
+
+def test_swap_someone_else_put_on_the_file_is_swapped_off_before_unmount(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    # With --no-swap the file is the user's to use; if they swapon a loop device over it and
+    # then stop zcached, unmounting under that swap would lose its pages, so the daemon
+    # swapoffs it first and names the loop device that will see I/O errors.  Priority 0 keeps
+    # other swap users' pages off this device.
+    d = daemon_factory("16M", "--no-swap").start()
+    with loop_device(d.image) as dev:
+        subprocess.run(["mkswap", dev], check=True, capture_output=True)
+        subprocess.run(["swapon", "--priority", "0", dev], check=True)
+        try:
+            assert d.terminate() == 0
+            assert dev not in active_swaps()
+            log = d.log()
+            assert f"{dev} (over {d.image}) is a swap zcached did not set up" in log, log
+            assert f"{dev} is still attached to {d.image}" in log, log
+        finally:
+            if dev in active_swaps():
+                subprocess.run(["swapoff", dev], capture_output=True, timeout=HANG)
+    assert traces(str(d.root)) == NOTHING

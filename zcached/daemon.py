@@ -11,7 +11,9 @@ Invariant: every resource is entered on one ``contextlib.ExitStack``; whatever r
 unwinds in reverse (swapoff before losetup -d before unmount), so nothing stays mounted/attached.
 Everything that can be refused without side effects (flags, config, root, mountpoint, a second
 instance, the metrics port) is refused before the mount; after the mount only losetup, mkswap and
-swapon can fail, and they unwind.
+swapon can fail, and they unwind. Before the unmount, a swap someone else put on a loop device
+over the file is swapped off too (``_release_other_users``): no unwinding step may drop pages
+that are still out on the device.
 Process-safety failures only warn (documented): a daemon without mlock still works, just less
 safely under memory pressure; not being root is refused earlier (mount needs it anyway).
 """
@@ -281,6 +283,27 @@ def _activate_swap(cfg: Config, stack: contextlib.ExitStack, image: str) -> str:
     return dev
 
 
+def _release_other_users(image: str, ours: str | None) -> None:
+    """Before unmounting: swapoff any swap someone else put on a loop device over ``image``
+    (unmounting under it would lose its pages), and name the loop devices that will get I/O
+    errors once the file is gone. Ours (``ours``) is handled by its own context."""
+    try:
+        others = [d for d in swapmod.loops_backing(image) if d != ours]
+    except swapmod.SwapError as e:
+        log.warning("cannot list loop devices over %s: %s", image, e)
+        return
+    for dev in others:
+        if dev in swapmod.active_swaps():
+            log.warning("%s (over %s) is a swap zcached did not set up: swapoff", dev, image)
+            swapmod.swapoff_until_done(dev, log.warning)
+        log.warning("%s is still attached to %s: I/O errors after the unmount", dev, image)
+
+
+def _loop_of(info: dict[str, object]) -> str | None:
+    dev = info.get("loop_device")
+    return dev if isinstance(dev, str) else None
+
+
 def _serve(cfg: Config, stack: contextlib.ExitStack, stop: threading.Event) -> None:
     """Enter every part on ``stack`` in order; return once ready (or when ``stop`` is set).
 
@@ -308,6 +331,7 @@ def _serve(cfg: Config, stack: contextlib.ExitStack, stop: threading.Event) -> N
     server.mount()
     stack.callback(server.stop)
     server.start()
+    stack.callback(lambda: _release_other_users(server.image_path, _loop_of(info)))
     if stop.is_set():
         return
     if not cfg.swap:

@@ -58,6 +58,12 @@ def detach_loop(dev: str) -> None:
     _run(["losetup", "-d", dev], f"losetup -d {dev}")
 
 
+def loops_backing(path: str) -> list[str]:
+    """Loop devices whose backing file is ``path`` (``losetup -j``)."""
+    out = _run(["losetup", "--associated", path, "--output", "NAME", "--noheadings"], "losetup")
+    return out.split()
+
+
 def active_swaps() -> list[str]:
     with open("/proc/swaps") as f:
         return [line.split()[0] for line in f.read().splitlines()[1:] if line.strip()]
