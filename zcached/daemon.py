@@ -12,8 +12,10 @@ unwinds in reverse (swapoff before losetup -d before unmount), so nothing stays 
 Everything that can be refused without side effects (flags, config, root, mountpoint, a second
 instance, the metrics port) is refused before the mount; after the mount only losetup, mkswap and
 swapon can fail, and they unwind. Before the unmount, a swap someone else put on a loop device
-over the file is swapped off too (``_release_other_users``): no unwinding step may drop pages
-that are still out on the device.
+over the file is swapped off too (``_release_other_users``), and a failed swapoff is retried
+until it succeeds while the daemon keeps serving (swap.py): no unwinding step may drop pages that
+are still out on the device. External commands run in their own session, so a second Ctrl-C
+(SIGINT to the whole process group) cannot interrupt a swapoff half-way.
 Process-safety failures only warn (documented): a daemon without mlock still works, just less
 safely under memory pressure; not being root is refused earlier (mount needs it anyway).
 """
