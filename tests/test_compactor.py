@@ -43,6 +43,8 @@ def wait_for(cond: object, timeout: float = 60.0) -> bool:
         {"cpu_budget": 0},
         {"cpu_budget": 1.5},
         {"step_moves": 0},
+        {"idle_checks": -1},
+        {"idle_min_bytes": 4095},
     ],
 )
 def test_bad_policy_is_refused(kwargs: dict[str, float]) -> None:
@@ -76,11 +78,11 @@ def test_thread_compacts_when_fragmentation_passes_threshold() -> None:
 
 def test_thread_leaves_a_tidy_pool_alone() -> None:
     pool, _ = sparse_pool()
-    comp = Compactor(pool, CompactionPolicy(interval=0.02, min_wasted_bytes=1 << 40))
+    comp = Compactor(pool, CompactionPolicy(interval=0.02, min_wasted_bytes=1 << 40, idle_checks=0))
     comp.start()
     time.sleep(0.3)
     comp.stop()
-    assert comp.runs == 0 and comp.objects_moved == 0
+    assert comp.runs == 0 and comp.objects_moved == 0 and not comp.pending()
 
 
 def test_trigger_runs_whatever_the_thresholds() -> None:
@@ -351,3 +353,57 @@ def test_run_records_and_restart() -> None:
         comp.stop()
     for h, blob in data.items():
         assert pool.read(h) == blob
+
+
+# ---- the idle tidy-up ---------------------------------------------------------------------------
+
+
+def test_reclaimable_bytes_is_what_a_complete_compaction_gives_back() -> None:
+    pool, _ = sparse_pool(seed=5)
+    reclaimable, before = pool.reclaimable_bytes(), pool.pool_bytes
+    assert reclaimable > 0
+    pool.compact()
+    assert before - pool.pool_bytes == reclaimable
+    assert pool.reclaimable_bytes() == 0
+
+
+def test_idle_tidy_up_runs_once_when_quiet_below_the_threshold() -> None:
+    pool, data = sparse_pool()
+    policy = CompactionPolicy(
+        interval=0.02, min_wasted_bytes=1 << 40, idle_checks=3, idle_min_bytes=64 << 10
+    )
+    assert not policy.due(pool.pool_bytes, pool.requested_bytes)
+    comp = Compactor(pool, policy)
+    assert comp.pending()  # enough to give back: a tidy-up is coming once quiet
+    comp.start()
+    try:
+        assert wait_for(lambda: comp.idle_runs == 1 and not comp.running)
+        time.sleep(0.3)  # many more quiet checks: no second tidy-up at the same bytes in use
+        assert comp.runs == comp.idle_runs == 1 and not comp.pending()
+    finally:
+        comp.stop()
+    assert pool.reclaimable_bytes() == 0
+    for h, blob in data.items():
+        assert pool.read(h) == blob
+
+
+def test_no_tidy_up_while_the_bytes_in_use_keep_changing() -> None:
+    """The quiet count, check by check (driven directly, so no timing is involved)."""
+    pool, _ = sparse_pool()
+    comp = Compactor(
+        pool,
+        CompactionPolicy(
+            interval=3600, min_wasted_bytes=1 << 40, idle_checks=2, idle_min_bytes=4096
+        ),
+    )
+    rnd = random.Random(3)
+    for _ in range(10):  # busy: more than idle_min_bytes stored or freed between two checks
+        handles = [pool.store(rnd.randbytes(3000)) for _ in range(3)]
+        assert comp._check() is None
+        for h in handles:
+            pool.free(h)
+        assert comp._check() is None
+    assert comp._check() is None  # quiet once: not yet
+    assert comp._check() == "idle"  # quiet twice in a row
+    comp.trigger()
+    assert comp._check() == "requested"

@@ -581,14 +581,21 @@ class _Heap:
 
     # ---- compaction ----------------------------------------------------------------------
 
+    def reclaimable_pages(self) -> int:
+        """Pages a complete compaction of this heap would give back: what it holds beyond its
+        objects packed into full vpages plus one partial vpage packed from its start."""
+        cls = self.cls
+        full, rest = divmod(self.objects, cls.opv)
+        need = full * cls.ppv + (-(-rest * cls.size // PAGE_SIZE))
+        return max(0, self.pages - need)
+
     def worth_compacting(self) -> bool:
-        """The heap holds at least a page more than its objects need.
+        """The heap holds at least a page more than a packed layout of its objects needs.
 
         Moves go from the sparsest vpage into the fullest other one, so compaction ends, at the
         latest, when a single vpage is left with free slots.
         """
-        need = -(-self.objects * self.cls.size // PAGE_SIZE)
-        return self.pages > need
+        return self.reclaimable_pages() > 0
 
     def compact_step(self, budget: int) -> int:
         """Move up to ``budget`` objects from the sparsest vpage into the fullest others."""
@@ -874,6 +881,17 @@ class XcfMalloc:
                     if step < budget:
                         break
         return moved
+
+    def reclaimable_bytes(self) -> int:
+        """Pool bytes a complete compact() would give back now (sum of every heap's
+        reclaimable pages; the compactor's idle check)."""
+        total = 0
+        for cls in self._classes:
+            for heap in cls.heaps:
+                if heap.pages:
+                    with heap.lock:
+                        total += heap.reclaimable_pages()
+        return total * PAGE_SIZE
 
     def fragmentation(self) -> list[tuple[int, int, int]]:
         """(class size, pool bytes, requested bytes) of every class that holds pages."""
