@@ -57,6 +57,12 @@ LOCKING
  * xcfmalloc's own locks are taken inside stripe locks (through its methods), never the other
    way round.
  * ``_stat_lock`` guards the counters; it is a leaf lock held for a few integer additions.
+   The two hot paths do not take it: a 4K read (and every multi-page read) counts its pages in
+   ``_stripe_reads[stripe]`` and a 4K write counts its page's state change and the write in
+   ``_stripe_counts``/``_stripe_writes`` while holding the stripe lock it takes anyway (each
+   slot has one writer at a time: the holder of its stripe lock); :meth:`PageStore.stats` adds
+   them up.  compr_data_size is the allocator's requested_bytes (the pool holds only this
+   store's objects), so replacing an object needs no ``size()`` call.
 
 Batches: a write of several whole pages encodes (and stores) them outside the locks.  LZ4
 batches run in one plain loop.  zstd batches of at least PARALLEL_MIN_PAGES (32 = 128 KiB) pages
