@@ -129,7 +129,7 @@ class StoreStats:
     failed_reads: int
     failed_writes: int
     checksum_errors: int  # pages whose stored object failed verification (EIO)
-    reads: int
+    reads: int  # pages read (a failed request's pages too; the failure is in failed_reads)
     writes: int
     discards: int  # whole pages discarded
     # the page table itself
@@ -166,8 +166,9 @@ class PageStore:
         self._handle = array("I", bytes(4 * n))
         self._csum = array("I", bytes(4 * n))
         self._locks = [threading.Lock() for _ in range(NSTRIPES)]
-        # Pages read, per stripe, counted under the stripe lock (no stats lock on reads);
-        # stats() adds them up with _reads (which holds corrections for failed reads).
+        # Pages read, per stripe, counted under the stripe lock (no stats lock on reads) when
+        # their request takes its snapshot, so the pages of a request that then fails its
+        # checks count too (the counter only grows: Prometheus exports it as a counter).
         self._stripe_reads = [0] * NSTRIPES
         self._aread = self.allocator.read
         self._decode = self.codec.decode_checked
@@ -257,7 +258,7 @@ class PageStore:
             try:
                 return self._decode(state, stored, csum)
             except CodecError as e:
-                self._integrity_error(p, str(e), counted=1)
+                self._integrity_error(p, str(e))
         if state == EMPTY:
             return _ZERO_PAGE
         return codec.fill_page((csum << 32) | h)
@@ -287,7 +288,7 @@ class PageStore:
                 try:
                     append(decode(st, stored, csum))
                 except CodecError as e:
-                    self._integrity_error(p, str(e), counted=len(entries))
+                    self._integrity_error(p, str(e))
             elif st == EMPTY:
                 append(_ZERO_PAGE)
             else:
@@ -321,13 +322,10 @@ class PageStore:
             self._integrity_error(p, "checksum mismatch")
         return page
 
-    def _integrity_error(self, p: int, why: str, counted: int = 0) -> NoReturn:
-        """Count and raise EIO; ``counted`` pages of the failed request were already counted
-        as reads (in a stripe counter) and are taken back out."""
+    def _integrity_error(self, p: int, why: str) -> NoReturn:
         with self._stat_lock:
             self._checksum_errors += 1
             self._failed_reads += 1
-            self._reads -= counted
         raise StoreError(errno.EIO, f"page {p} (offset {p << PAGE_SHIFT}) is corrupt: {why}")
 
     # ---- write -------------------------------------------------------------------------------
