@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -384,8 +385,24 @@ def test_real_swap_pages_go_out_and_come_back(
     assert written >= overflow_pages * 0.9, (written, overflow_pages)
     assert read >= used_kib // 4 // 2, (read, used_kib)
     assert m["zcached_failed_reads_total"] == 0 and m["zcached_failed_writes_total"] == 0
+    # The workload has exited: swapon --discard=pages hands its freed slots back as discards
+    # (FUSE fallocate PUNCH_HOLE), and the pages they held leave the store.
+    wait_metric(d, "zcached_discards_total", m["zcached_discards_total"] + 1)
+    wait_metric(d, "zcached_stored_pages", m["zcached_stored_pages"] // 2, below=True)
     assert d.terminate() == 0
     assert traces(str(d.root)) == NOTHING and dev not in active_swaps()
+
+
+def wait_metric(d: Daemon, name: str, bound: float, below: bool = False) -> float:
+    """Poll /metrics until ``name`` reaches ``bound`` (>=, or <= with ``below``); fail after
+    HANG seconds."""
+    deadline = time.monotonic() + HANG
+    while True:
+        v = d.metrics()[name]
+        if (v <= bound) if below else (v >= bound):
+            return v
+        assert time.monotonic() < deadline, f"{name} stuck at {v}, waiting for {bound}"
+        time.sleep(0.1)
 
 
 def test_sigterm_under_swap_load_brings_pages_back(

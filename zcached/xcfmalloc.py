@@ -60,6 +60,19 @@ Design (N. Gupta's xcfmalloc from linux-mm, 2011; cf. mm/zsmalloc.c):
   space a worker heap holds stays within max(a/4, 2 vpages) (plus the vpage being filled),
   however the frees are spread; compaction runs in every heap.
 
+  Why f = 1/4: it caps a worker heap's slot capacity at u / (1 - f) = 4/3 of its live slots
+  between compaction runs, which is the same order as the daemon's trigger (compact when the
+  pool passes 1 / (1 - 0.1) = 1.11x the bytes in use), and the real cost is lower because
+  empty 4K pages inside a vpage are already given back one by one.  A smaller f would make a
+  heap under random frees hand vpages over (two locks, a walk of the vpage's slots) almost
+  every free; a larger one lets a worker sit on more of the pool.  Why K = 2: hysteresis for
+  the many small classes where a worker heap holds one or two vpages.  With K = 0 such a heap
+  would hand over its only partly used vpage once it is a quarter empty and take it straight
+  back (as the global heap's fullest) at its next alloc, a round trip per free/alloc pair;
+  with K = 2 it keeps up to two vpages' worth of free slots whatever f says, which costs at
+  most 2 vpages of slots per class and worker (less in pages, see above).  Checked by
+  tests/test_xcfmalloc.py (the bound) and measured end to end by bench/compact_bench.py.
+
 * Locking.  Each heap of each class has its own lock (``_Heap.lock``): it guards the heap's
   groups and counters and every array entry of the vpages it owns, including the handle-table
   entries of their objects.  To reach an object by handle, read its vpage's owner, lock that
@@ -83,6 +96,7 @@ import itertools
 import mmap
 import sys
 import threading
+import time
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -880,6 +894,7 @@ class XcfMalloc:
                     moved += step
                     if step < budget:
                         break
+                    time.sleep(0)  # let a thread waiting for the GIL in (see Locking)
         return moved
 
     def reclaimable_bytes(self) -> int:
