@@ -315,6 +315,28 @@ class Daemon:
             doc: dict[str, Any] = json.loads(r.read())
             return doc
 
+    def counters(self) -> dict[str, float]:
+        """The daemon's work so far, from /metrics: pages read/written/discarded, FUSE READ and
+        WRITE requests (so pages per request), compaction seconds."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://{self.addr}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        want = {
+            "zcached_reads_total": "pages_read",
+            "zcached_writes_total": "pages_written",
+            "zcached_discards_total": "pages_discarded",
+            "zcached_read_request_duration_seconds_count": "read_requests",
+            "zcached_write_request_duration_seconds_count": "write_requests",
+            "zcached_compaction_seconds_total": "compaction_s",
+        }
+        return {
+            want[s.name]: s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name in want
+        }
+
     def stop(self) -> None:
         p = self.proc
         if p is None or p.poll() is not None:
@@ -346,6 +368,7 @@ def zcached_swap(size: int) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]
                     "mem_used_total": st.get("mem_used_total"),
                     "daemon_rss_growth_bytes": vm_rss(pid) - rss0,
                     "daemon_cpu_s": round(cpu_seconds(pid) - cpu0, 2),
+                    "daemon": d.counters(),
                 }
 
             yield d.device, mem

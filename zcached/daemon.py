@@ -228,8 +228,11 @@ def preflight(cfg: Config) -> None:
 
 
 def io_threads() -> int:
-    """FUSE worker threads: measured, 1-2 beat 4 on 2 cores (GIL); see docs/fuse-layer.md."""
-    return max(1, min(2, os.cpu_count() or 1))
+    """FUSE worker threads: one.  Measured on the 2-core VM (docs/fuse-layer.md, "Threads"):
+    1 beats 2 and 4 on fio and costs less CPU per page, and on the swap workload (quick size,
+    Nov 2026) 1 worker took 11-14 s where 2 took 17-17.5 s: with the GIL, a second worker adds
+    hand-offs, not parallelism (lz4 runs too briefly per page to gain from releasing it)."""
+    return 1
 
 
 def compaction_policy(cfg: Config) -> CompactionPolicy:
