@@ -6,7 +6,8 @@ the others, and writing bench/results/latest.json, REPORT.md and the PNG plots (
 bench.report).  Must NOT measure anything itself.
 
 Result shape (latest.json): {"machine": {...}, "date": ..., "argv": ..., "modules": {NAME:
-{"result": tree, "spread": tree | absent, "repeat": N, "quick": bool, "seconds": s, "date": ...}
+{"result": tree, "spread": tree | absent, "repeat": N, "quick": bool, "seconds": s, "date": ...,
+"machine": {...}}
 or {"error": "...", "traceback": "..."}}}.  ``result`` is the module's dict with every numeric
 leaf replaced by its median over the repeats; ``spread`` has the same shape with [min, max] at
 the numeric leaves (only when N > 1).  With --only, modules not run keep their previous entry.
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         res = run_module(name, args.quick, args.repeat)
+        res["machine"] = machine  # per module too: --only runs may come from other machines
         failed += "error" in res
         meta = {"machine": machine, "argv": sys.argv[1:] if argv is None else argv}
         doc = save_module(latest, name, res, meta)  # after each module: nothing lost on a crash

@@ -131,6 +131,7 @@ def io_rows(doc: dict[str, Any]) -> list[str]:
 
 
 SWAP_MODULES = ("swap", "swapscale")  # 1x (repeated) and 2x/4x (once): same result shape
+TABLE_MODULES = ("swap", "compact", "io", "swapscale")  # every module the table quotes
 
 
 def _scaled(doc: dict[str, Any]) -> list[tuple[Source, str]]:
@@ -179,7 +180,30 @@ def _header(doc: dict[str, Any]) -> list[str]:
         "(bench/README.md). Ratios are zcached / zram (lz4), min..max over the runs in "
         "brackets. All figures: bench/results/REPORT.md and the plots next to it."
     )
-    return textwrap.wrap(text, 100, break_on_hyphens=False)
+    return textwrap.wrap(text + _provenance(doc), 100, break_on_hyphens=False)
+
+
+def _provenance(doc: dict[str, Any]) -> str:
+    """A sentence naming the table's modules that ran elsewhere or on another day than the
+    machine and date in the header (``--only`` runs merge into one latest.json), or ''."""
+    top = doc.get("machine") or {}
+    day = str(top.get("date") or doc.get("date") or "")[:10]
+    odd = []
+    for name in TABLE_MODULES:
+        mod = doc.get("modules", {}).get(name)
+        if not isinstance(mod, dict):
+            continue
+        m = mod.get("machine")
+        when = str(mod.get("date", "?"))[:10]
+        if not isinstance(m, dict):
+            odd.append(f"{name} ({when}, machine not recorded)")
+        elif (m.get("cpu"), m.get("kernel")) != (top.get("cpu"), top.get("kernel")):
+            odd.append(f"{name} ({when}, {m.get('cpu') or '?'}, kernel {m.get('kernel', '?')})")
+        elif when != day:
+            odd.append(f"{name} ({when})")
+    if not odd:
+        return ""
+    return " Measured elsewhere or on another day: " + ", ".join(odd) + "."
 
 
 def render(doc: dict[str, Any]) -> str:

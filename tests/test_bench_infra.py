@@ -189,6 +189,28 @@ def test_readme_block_from_sample_json(tmp_path: Path) -> None:
     assert readme_md.read_text() == "no markers here\n"
 
 
+def test_readme_names_modules_measured_elsewhere() -> None:
+    """latest.json merges --only runs: the header must say which rows came from another machine
+    or day, and say nothing when all came from the header's machine and day."""
+    from bench import readme
+
+    doc = _sample_doc()
+    here = {"cpu": "Test CPU", "kernel": "6.18", "date": "2026-11-26T10:00:00Z"}
+    doc["machine"] = {**here, "nproc": 2, "python": "3.11.7"}
+    mods = doc["modules"]
+    assert isinstance(mods, dict)
+    for m in mods.values():
+        m.update(machine=here, date="2026-11-26T11:00:00Z")
+    assert "elsewhere" not in readme.render(doc)
+    mods["io"]["machine"] = {"cpu": "Other CPU", "kernel": "6.1"}
+    mods["swapscale"]["date"] = "2026-11-20T09:00:00Z"
+    del mods["swap"]["machine"]
+    header = " ".join(readme.render(doc).split("|")[0].split())
+    assert "io (2026-11-26, Other CPU, kernel 6.1)" in header
+    assert "swapscale (2026-11-20)" in header
+    assert "swap (2026-11-26, machine not recorded)" in header
+
+
 def test_save_module_merges_entries(tmp_path: Path) -> None:
     from bench.__main__ import save_module
 
