@@ -131,7 +131,7 @@ def io_rows(doc: dict[str, Any]) -> list[str]:
 
 
 SWAP_MODULES = ("swap", "swapscale")  # 1x (repeated) and 2x/4x (once): same result shape
-TABLE_MODULES = ("swap", "compact", "io", "swapscale")  # every module the table quotes
+TABLE_MODULES = ("compact", "io", *SWAP_MODULES)  # every module the table quotes
 
 
 def _scaled(doc: dict[str, Any]) -> list[tuple[Source, str]]:
