@@ -2,10 +2,13 @@
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
-DEB_PKGS := fuse3 libfuse3-dev pkg-config fio util-linux prometheus
+# The C core links liblz4, libzstd and libxxhash; clang and its runtimes build the sanitizer
+# and libFuzzer targets that `make test` runs; valgrind counts instructions for the bench.
+DEB_PKGS := fuse3 libfuse3-dev pkg-config fio util-linux prometheus \
+            gcc liblz4-dev libzstd-dev libxxhash-dev clang libclang-rt-14-dev valgrind
 STAMP    := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench deps venv install uninstall clean
+.PHONY: run test lint typecheck unit bench deps venv core install uninstall clean
 
 PREFIX   ?= /usr/local
 OPT      ?= /opt/zcached
@@ -22,6 +25,9 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+CORE_SRC := $(wildcard csrc/*.c csrc/*.h) setup.py
+CORE_SO  := zcached/.core-built
+
 $(STAMP): pyproject.toml
 	$(MAKE) deps
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +35,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The C extension, rebuilt in place whenever a C source changes (pip install -e built it once).
+$(CORE_SO): $(STAMP) $(CORE_SRC)
+	$(PY) setup.py -q build_ext --inplace
+	$(PY) -c 'import zcached._core'
+	touch $(CORE_SO)
+
 venv: $(STAMP)
+
+core: $(CORE_SO)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check zcached tests bench
@@ -38,7 +52,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy zcached
 
-unit: $(STAMP)
+unit: $(STAMP) $(CORE_SO)
 	$(PY) -m pytest -q
 
 test: deps $(STAMP) lint typecheck unit
@@ -46,13 +60,13 @@ test: deps $(STAMP) lint typecheck unit
 # Every bench/*_bench.py against kernel zram (root; ~80 min with 3 repeats, mostly the swap
 # workload; see bench/README.md), then the README's comparison block from bench/results/latest.json.
 BENCH_ARGS ?= --repeat 3
-bench: deps $(STAMP)
+bench: deps $(STAMP) $(CORE_SO)
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.readme
 
 # Foreground, as active swap, with the shipped defaults (config/zcached.toml); Ctrl-C stops it
 # cleanly (swapoff, detach, unmount).
-run: deps $(STAMP)
+run: deps $(STAMP) $(CORE_SO)
 	mkdir -p /run/zcached
 	$(VENV)/bin/zcached run --config config/zcached.toml
 
@@ -83,4 +97,5 @@ uninstall:
 	@echo "left $(ETCDIR) in place (your configuration)"
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build
+	rm -f zcached/_core*.so $(CORE_SO)

@@ -49,8 +49,30 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from zcached.xcfmalloc import XcfMalloc
+
+class _PoolStats(Protocol):
+    @property
+    def pages_compacted(self) -> int: ...
+
+
+class Pool(Protocol):
+    """What the compactor needs of an allocator: zcached.xcfmalloc.XcfMalloc (the model) or
+    zcached.core.CorePool (the C core, which moves objects without the GIL)."""
+
+    @property
+    def pool_bytes(self) -> int: ...
+
+    @property
+    def requested_bytes(self) -> int: ...
+
+    def compact(self, max_moves: int | None = None) -> int: ...
+
+    def reclaimable_bytes(self) -> int: ...
+
+    def stats(self) -> _PoolStats: ...
+
 
 log = logging.getLogger("zcached.compactor")
 
@@ -99,11 +121,11 @@ class CompactionPolicy:
 
 
 class Compactor:
-    """Runs compaction of one XcfMalloc in a daemon thread; start(), trigger(), stop()."""
+    """Runs compaction of one pool in a daemon thread; start(), trigger(), stop()."""
 
     def __init__(
         self,
-        pool: XcfMalloc,
+        pool: Pool,
         policy: CompactionPolicy | None = None,
         *,
         thread_init: Callable[[], None] | None = None,

@@ -23,7 +23,9 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:9273"
 DEFAULT_SWAP_PRIORITY = 100  # above disk swap (swapon's default priorities are negative)
 DEFAULT_SIZE_PERCENT = 50  # of RAM ...
 DEFAULT_SIZE_CAP = 64 << 30  # ... capped at 64 GiB
-MAX_SIZE_RAM_FACTOR = 4  # a swap device larger than 4x RAM is a typo (9 B of table per page)
+MAX_SIZE_RAM_FACTOR = 4  # a swap device larger than 4x RAM is a typo (12 B of table per page)
+TABLE_BYTES_PER_PAGE = 12  # the C core's page table entry + fill word
+MAX_IO_THREADS = 64  # the C core's Hoard heaps (one per FUSE worker)
 COMPRESSORS = ("lz4", "zstd")
 LEVELS = {"lz4": (1, 12), "zstd": (-7, 22)}
 
@@ -52,6 +54,12 @@ class Config:
     swap_priority: int = DEFAULT_SWAP_PRIORITY
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     compaction: Compaction = field(default_factory=Compaction)
+    io_threads: int = 0  # FUSE worker threads; 0 = one per CPU
+
+    @property
+    def worker_threads(self) -> int:
+        """FUSE worker threads to start: ``io_threads``, or one per CPU (at most 64)."""
+        return self.io_threads or min(os.cpu_count() or 1, MAX_IO_THREADS)
 
     @property
     def metrics_addr(self) -> tuple[str, int]:
@@ -135,6 +143,7 @@ _TOP_KEYS = {
     "swap_priority",
     "metrics_listen",
     "compaction",
+    "io_threads",
 }
 _COMPACTION_KEYS = {"fragmentation", "cpu_budget", "interval"}
 
@@ -194,7 +203,7 @@ def build(raw: dict[str, Any]) -> Config:
     if size > MAX_SIZE_RAM_FACTOR * ram_bytes():
         raise ConfigError(
             f"size: {size} bytes is more than {MAX_SIZE_RAM_FACTOR}x RAM "
-            f"(the page table alone would take {size // PAGE * 9 >> 20} MiB)"
+            f"(the page table alone would take {size // PAGE * TABLE_BYTES_PER_PAGE >> 20} MiB)"
         )
     mem_limit = parse_size(
         raw.get("mem_limit", 0), "mem_limit", allow_zero=True, page_multiple=False
@@ -213,6 +222,15 @@ def build(raw: dict[str, Any]) -> Config:
     )
     parse_listen(listen, "metrics_listen")
     compaction = _compaction(raw.get("compaction", {}))
+    threads = raw.get("io_threads", "auto")
+    if threads == "auto":
+        threads = 0
+    else:
+        threads = _typed("io_threads", threads, int, '"auto" or an integer')
+        if not 1 <= threads <= MAX_IO_THREADS:
+            raise ConfigError(
+                f'io_threads: must be in [1, {MAX_IO_THREADS}] or "auto", got {threads}'
+            )
     return Config(
         size=size,
         compressor=comp,
@@ -223,6 +241,7 @@ def build(raw: dict[str, Any]) -> Config:
         swap_priority=prio,
         metrics_listen=listen,
         compaction=compaction,
+        io_threads=threads,
     )
 
 

@@ -28,22 +28,19 @@ import ctypes.util
 import errno
 import fcntl
 import hashlib
-import itertools
 import logging
 import os
 import signal
 import socket
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from zcached import swap as swapmod
 from zcached.compactor import CompactionPolicy, Compactor
 from zcached.config import Config
-from zcached.fuse import FuseServer
+from zcached.core import CoreFuseServer, CoreStore
 from zcached.metrics import start_exporter
-from zcached.store import PageStore
-from zcached.xcfmalloc import XcfMalloc
 
 log = logging.getLogger("zcached")
 
@@ -227,14 +224,6 @@ def preflight(cfg: Config) -> None:
     check_mountpoint(cfg.mountpoint)
 
 
-def io_threads() -> int:
-    """FUSE worker threads: one.  Measured on the 2-core VM (docs/fuse-layer.md, "Threads"):
-    1 beats 2 and 4 on fio and costs less CPU per page, and on the swap workload (quick size,
-    Nov 2026) 1 worker took 11-14 s where 2 took 17-17.5 s: with the GIL, a second worker adds
-    hand-offs, not parallelism (lz4 runs too briefly per page to gain from releasing it)."""
-    return 1
-
-
 def compaction_policy(cfg: Config) -> CompactionPolicy:
     """Config's ``fragmentation`` (wasted / pool bytes) as the compactor's pool/requested ratio."""
     c = cfg.compaction
@@ -247,29 +236,18 @@ def _flusher_init() -> None:
     set_io_flusher()
 
 
-def _worker_init(pool: XcfMalloc) -> Callable[[], None]:
-    """thread_init for FUSE workers: IO_FLUSHER, and worker k allocates from Hoard heap k."""
-    ids = itertools.count(1)
-
-    def init() -> None:
-        set_io_flusher()
-        pool.bind_heap(next(ids))
-
-    return init
-
-
-def _open_store(cfg: Config, stack: contextlib.ExitStack, nthreads: int) -> PageStore:
-    pool = XcfMalloc(max_pool_bytes=cfg.mem_limit or None, heaps=nthreads)
-    store = PageStore(
+def _open_store(cfg: Config, stack: contextlib.ExitStack, nthreads: int) -> CoreStore:
+    """The C page store, one Hoard heap per FUSE worker."""
+    store = CoreStore(
         cfg.size, compressor=cfg.compressor, level=cfg.level, mem_limit=cfg.mem_limit,
-        allocator=pool,
+        heaps=nthreads,
     )  # fmt: skip
     stack.callback(store.close)
     return store
 
 
 def _start_exporter(
-    cfg: Config, stack: contextlib.ExitStack, store: PageStore, server: FuseServer,
+    cfg: Config, stack: contextlib.ExitStack, store: CoreStore, server: CoreFuseServer,
     compactor: Compactor, info: dict[str, object],
 ) -> None:  # fmt: skip
     try:
@@ -314,12 +292,10 @@ def _serve(cfg: Config, stack: contextlib.ExitStack, stop: threading.Event) -> N
 
     Order: store, compactor, exporter (binding the port cannot fail after the mount), FUSE
     mount and workers, then loop device + swapon."""
-    nthreads = io_threads()
+    nthreads = cfg.worker_threads
     store = _open_store(cfg, stack, nthreads)
     pool = store.allocator
-    server = FuseServer(
-        store, cfg.mountpoint, cfg.size, threads=nthreads, thread_init=_worker_init(pool)
-    )
+    server = CoreFuseServer(store, cfg.mountpoint, cfg.size, threads=nthreads)
     info: dict[str, object] = {
         "algorithm": cfg.compressor,
         "mountpoint": os.path.realpath(cfg.mountpoint),
@@ -336,6 +312,8 @@ def _serve(cfg: Config, stack: contextlib.ExitStack, stop: threading.Event) -> N
     server.mount()
     stack.callback(server.stop)
     server.start()
+    if server.io_flusher_failed:
+        log.warning("prctl(PR_SET_IO_FLUSHER) failed in the FUSE workers (needs CAP_SYS_RESOURCE)")
     stack.callback(lambda: _release_other_users(server.image_path, _loop_of(info)))
     if stop.is_set():
         return

@@ -417,26 +417,32 @@ class FuseServer:
                         if err != errno.EINVAL:
                             log.warning("umount %s: %s", self.mountpoint, os.strerror(err))
                 self._mounted = False
-            for t in self._workers:
-                t.join(timeout=2.0)
-            if any(t.is_alive() for t in self._workers):
+            if self._workers_alive(2.0):
                 # Still in use (lazily detached): the kernel keeps the connection until the
                 # last user closes the file.  Abort it, or the workers would serve on.
                 self._abort_connection()
-                for t in self._workers:
-                    t.join(timeout=5.0)
-            if any(t.is_alive() for t in self._workers):
+            if self._workers_alive(5.0):
                 # Never close a descriptor a live worker may still read: the number could be
                 # reused by another FUSE session, whose requests the old worker would answer.
                 log.warning("FUSE worker threads did not end; leaving their descriptors open")
-                self._workers = [t for t in self._workers if t.is_alive()]
                 return
-            self._workers = []
+            self._release_workers()
             for fd in self._fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._fds = []
             self._fd = -1
+
+    def _workers_alive(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the workers to end; whether any still runs."""
+        for t in self._workers:
+            t.join(timeout=timeout)
+        self._workers = [t for t in self._workers if t.is_alive()]
+        return bool(self._workers)
+
+    def _release_workers(self) -> None:
+        """Forget the ended workers (their descriptors are closed by :meth:`stop`)."""
+        self._workers = []
 
     def _abort_connection(self) -> None:
         """Abort the connection through fusectl (wakes workers blocked in read with ENODEV)."""

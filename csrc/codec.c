@@ -1,0 +1,152 @@
+/* codec.c - compression, checksums and same-filled pages for the C core (see codec.h).
+ *
+ * Owns: the calls into the system liblz4, libzstd and libxxhash; nothing else.
+ * Must not: allocate per page, lock, or know where a blob is stored.
+ *
+ * Formats match zcached/codec.py (the reference model): LZ4 block without a size prefix, and
+ * zstd frames in ZSTD_f_zstd1_magicless with no content size, checksum or dict id, so the
+ * same page compresses to the same number of bytes in the model and here (same library
+ * versions).  The checksum covers the *uncompressed* page, so a read verifies the allocator's
+ * memory, the decompressor and the length at once.
+ */
+#define ZSTD_STATIC_LINKING_ONLY /* ZSTD_c_format / ZSTD_d_format (magic-less frames) */
+#include "codec.h"
+
+#include <errno.h>
+#include <lz4.h>
+#include <string.h>
+#include <xxhash.h>
+#include <zstd.h>
+
+#define WORDS_PER_PAGE (ZC_CODEC_PAGE / 8u)
+
+uint32_t zc_checksum(const uint8_t *page)
+{
+	return (uint32_t)XXH3_64bits(page, ZC_CODEC_PAGE);
+}
+
+int zc_same_filled(const uint8_t *page, uint64_t *word)
+{
+	uint64_t w, last;
+
+	memcpy(&w, page, 8);
+	memcpy(&last, page + ZC_CODEC_PAGE - 8, 8);
+	if (w != last)
+		return 0;
+	for (unsigned i = 1; i < WORDS_PER_PAGE - 1; i++) {
+		uint64_t v;
+
+		memcpy(&v, page + 8u * i, 8);
+		if (v != w)
+			return 0;
+	}
+	*word = w;
+	return 1;
+}
+
+void zc_fill_page(uint8_t *page, uint64_t word)
+{
+	if (word == 0) {
+		memset(page, 0, ZC_CODEC_PAGE);
+		return;
+	}
+	for (unsigned i = 0; i < WORDS_PER_PAGE; i++)
+		memcpy(page + 8u * i, &word, 8);
+}
+
+static int zstd_setup(struct zc_codec *c)
+{
+	ZSTD_CCtx *cc = ZSTD_createCCtx();
+	ZSTD_DCtx *dc = ZSTD_createDCtx();
+
+	c->cctx = cc;
+	c->dctx = dc;
+	if (!cc || !dc)
+		return -ENOMEM;
+	if (ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_compressionLevel, c->level)) ||
+	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_format, ZSTD_f_zstd1_magicless)) ||
+	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_contentSizeFlag, 0)) ||
+	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_checksumFlag, 0)) ||
+	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_dictIDFlag, 0)) ||
+	    ZSTD_isError(ZSTD_CCtx_setPledgedSrcSize(cc, ZC_CODEC_PAGE)) ||
+	    ZSTD_isError(ZSTD_DCtx_setParameter(dc, ZSTD_d_format, ZSTD_f_zstd1_magicless)))
+		return -EINVAL;
+	return 0;
+}
+
+int zc_codec_init(struct zc_codec *c, int compressor, int level, uint32_t huge_threshold)
+{
+	memset(c, 0, sizeof(*c));
+	c->compressor = compressor;
+	c->level = level;
+	c->huge_threshold = huge_threshold;
+	if (huge_threshold < 1 || huge_threshold > ZC_CODEC_PAGE)
+		return -EINVAL;
+	if (compressor == 0)
+		return level >= 1 && level <= 65537 ? 0 : -EINVAL;
+	if (compressor != 1 || level < ZSTD_minCLevel() || level > ZSTD_maxCLevel())
+		return -EINVAL;
+	int rc = zstd_setup(c);
+
+	if (rc)
+		zc_codec_fini(c);
+	return rc;
+}
+
+void zc_codec_fini(struct zc_codec *c)
+{
+	ZSTD_freeCCtx(c->cctx);
+	ZSTD_freeDCtx(c->dctx);
+	c->cctx = c->dctx = NULL;
+}
+
+/* Compressed length, or 0 when the compressor gave up (the page is then huge). */
+static uint32_t compress_page(struct zc_codec *c, const uint8_t *page, uint8_t *out)
+{
+	if (c->compressor == 0) {
+		int n = LZ4_compress_fast((const char *)page, (char *)out, (int)ZC_CODEC_PAGE,
+					  (int)ZC_CODEC_OUT_MAX, c->level);
+		return n > 0 ? (uint32_t)n : 0;
+	}
+	/* The pledged size is reset after each frame: set it again (cheap). */
+	ZSTD_CCtx_setPledgedSrcSize(c->cctx, ZC_CODEC_PAGE);
+	size_t n = ZSTD_compress2(c->cctx, out, ZC_CODEC_OUT_MAX, page, ZC_CODEC_PAGE);
+
+	if (ZSTD_isError(n)) {
+		ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
+		return 0;
+	}
+	return (uint32_t)n;
+}
+
+int zc_codec_encode(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len,
+		    uint64_t *word, uint32_t *csum)
+{
+	if (zc_same_filled(page, word))
+		return ZC_SAME;
+	uint32_t n = compress_page(c, page, out);
+
+	*csum = zc_checksum(page);
+	if (n == 0 || n >= c->huge_threshold) {
+		*len = ZC_CODEC_PAGE;
+		return ZC_HUGE;
+	}
+	*len = n;
+	return ZC_COMPRESSED;
+}
+
+int zc_codec_decode(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8_t *page)
+{
+	if (c->compressor == 0) {
+		int n = LZ4_decompress_safe((const char *)blob, (char *)page, (int)len,
+					    (int)ZC_CODEC_PAGE);
+		return n == (int)ZC_CODEC_PAGE ? 0 : -EIO;
+	}
+	size_t n = ZSTD_decompressDCtx(c->dctx, page, ZC_CODEC_PAGE, blob, len);
+
+	if (ZSTD_isError(n)) {
+		ZSTD_DCtx_reset(c->dctx, ZSTD_reset_session_only);
+		return -EIO;
+	}
+	return n == ZC_CODEC_PAGE ? 0 : -EIO;
+}

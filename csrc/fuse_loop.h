@@ -1,0 +1,62 @@
+/* fuse_loop.h - the FUSE request loop of the C core.
+ *
+ * Serves one regular file (the swap image) over an already mounted /dev/fuse connection:
+ * worker pthreads, each on its own FUSE_DEV_IOC_CLONE descriptor, all signals blocked, never
+ * touching Python.  Mounting and unmounting stay in Python (zcached/fuse.py).
+ */
+#ifndef ZC_FUSE_LOOP_H
+#define ZC_FUSE_LOOP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "store.h"
+
+#define ZC_FUSE_MAX_OPCODE 64
+#define ZC_FUSE_NBUCKETS 20 /* latency buckets: 19 bounds (1 us .. 1 s) + overflow */
+
+struct zc_fuse;
+
+/* Per-opcode counters summed over the workers (each worker writes only its own). */
+struct zc_fuse_stats {
+	uint64_t requests[ZC_FUSE_MAX_OPCODE];
+	uint64_t errors[ZC_FUSE_MAX_OPCODE];
+	uint64_t lat_sum_ns[ZC_FUSE_MAX_OPCODE];
+	uint64_t lat[ZC_FUSE_MAX_OPCODE][ZC_FUSE_NBUCKETS];
+	uint64_t bytes_read, bytes_written, bytes_discarded;
+	uint64_t internal_errors; /* failures inside the loop itself (bad requests, reply errors) */
+	int initialized;          /* FUSE_INIT answered */
+	uint32_t kernel_minor;
+	int io_flusher_failed;    /* prctl(PR_SET_IO_FLUSHER) failed in some worker */
+};
+
+extern const uint64_t zc_fuse_latency_bounds_ns[ZC_FUSE_NBUCKETS - 1];
+
+/* fd: the mounted /dev/fuse descriptor (not owned).  file_name: the one file in the root. */
+struct zc_fuse *zc_fuse_new(struct zc_store *s, int fd, const char *file_name, int nthreads,
+			    int *err);
+/* Start the workers (worker i uses Hoard heap 1 + i % heaps, heaps = nthreads: the store must
+ * have been opened with heaps >= nthreads).  0 (also when already started) or -errno. */
+int zc_fuse_start(struct zc_fuse *f);
+/* Wait up to timeout_ms (< 0: no limit) for every worker to end (they end when the connection
+ * goes away).  Returns the number of workers still running. */
+int zc_fuse_join(struct zc_fuse *f, int timeout_ms);
+/* Free (only after zc_fuse_join returned 0); closes the clone descriptors it opened. */
+void zc_fuse_free(struct zc_fuse *f);
+void zc_fuse_stats(struct zc_fuse *f, struct zc_fuse_stats *out);
+
+/* Decode and answer one request held in buf[0..n) as a worker would, writing the reply with
+ * write_fn (tests and the fuzzer pass their own); returns the reply's errno as it is in the
+ * reply header (0 = ok or no reply, else -errno; -EINVAL without a reply for n < 40).
+ * write_fn returns 0 or -errno (-ENOENT: request interrupted, -ENODEV: connection gone).
+ * A worker from zc_fuse_worker_new (index in [0, nthreads), slot not yet taken) is counted by
+ * zc_fuse_stats until freed; it has no descriptor of its own.  Not for use while started. */
+typedef int (*zc_fuse_write_fn)(void *arg, const struct iovec *iov, int iovcnt);
+struct zc_fuse_worker;
+struct zc_fuse_worker *zc_fuse_worker_new(struct zc_fuse *f, int index);
+void zc_fuse_worker_free(struct zc_fuse_worker *w);
+int zc_fuse_handle(struct zc_fuse_worker *w, uint8_t *buf, size_t n, zc_fuse_write_fn write_fn,
+		   void *arg);
+
+#endif

@@ -1,0 +1,639 @@
+/* pymod.c - zcached._core: the CPython binding of the C core.
+ *
+ * Owns: the Python types Store and Fuse, argument checking, turning a negative errno into
+ * OSError, and releasing the GIL around every call into the core.
+ * Must not: do per-request work of its own (the FUSE workers never enter Python), or keep
+ * state a second Store would share (no globals but the type objects).
+ *
+ * Contexts: Python callers (tests, the compactor, scrub) borrow a struct zc_ctx from the
+ * Store's own free list (guarded by ctx_lock, a pthread mutex taken without the GIL held);
+ * a new one is made when the list is empty, bound to the next Hoard heap in turn.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <sys/uio.h>
+
+#include "fuse_loop.h"
+#include "store.h"
+
+#define MAX_PY_CTX 32
+
+typedef struct {
+	PyObject_HEAD
+	struct zc_store *s;
+	uint64_t size;
+	int heaps, next_heap, nfree, fuse_users;
+	struct zc_ctx *free_ctx[MAX_PY_CTX];
+	pthread_mutex_t ctx_lock;
+} StoreObject;
+
+typedef struct {
+	PyObject_HEAD
+	StoreObject *store;
+	struct zc_fuse *f;
+	int started, running;
+} FuseObject;
+
+static PyObject *raise_errno(int neg)
+{
+	errno = -neg;
+	return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* ---- contexts ------------------------------------------------------------------------------ */
+
+static struct zc_ctx *ctx_get(StoreObject *so)
+{
+	struct zc_ctx *c = NULL;
+
+	pthread_mutex_lock(&so->ctx_lock);
+	if (so->nfree)
+		c = so->free_ctx[--so->nfree];
+	int heap = 1 + so->next_heap++ % so->heaps;
+
+	pthread_mutex_unlock(&so->ctx_lock);
+	if (!c)
+		c = zc_ctx_new(so->s, heap);
+	return c;
+}
+
+static void ctx_put(StoreObject *so, struct zc_ctx *c)
+{
+	pthread_mutex_lock(&so->ctx_lock);
+	if (so->nfree < MAX_PY_CTX) {
+		so->free_ctx[so->nfree++] = c;
+		c = NULL;
+	}
+	pthread_mutex_unlock(&so->ctx_lock);
+	zc_ctx_free(c);
+}
+
+static int store_ready(StoreObject *so)
+{
+	if (!so->s) {
+		PyErr_SetString(PyExc_ValueError, "store is closed");
+		return 0;
+	}
+	return 1;
+}
+
+/* ---- Store --------------------------------------------------------------------------------- */
+
+static int Store_init(StoreObject *so, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = {"size",   "compressor", "level", "mem_limit", "huge_threshold",
+				 "heaps", NULL};
+	unsigned long long size, mem_limit = 0;
+	const char *comp = "lz4";
+	PyObject *level_obj = Py_None;
+	unsigned int huge = 3584;
+	int heaps = 1;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "K|sOKIi", kwlist, &size, &comp, &level_obj,
+					 &mem_limit, &huge, &heaps))
+		return -1;
+	struct zc_store_config cfg = {.size = size, .mem_limit = mem_limit,
+				      .huge_threshold = huge, .heaps = heaps};
+
+	if (!strcmp(comp, "lz4")) {
+		cfg.compressor = ZC_LZ4;
+		cfg.level = 1;
+	} else if (!strcmp(comp, "zstd")) {
+		cfg.compressor = ZC_ZSTD;
+		cfg.level = 3;
+	} else {
+		PyErr_Format(PyExc_ValueError, "unknown compressor %s", comp);
+		return -1;
+	}
+	if (level_obj != Py_None) {
+		cfg.level = (int)PyLong_AsLong(level_obj);
+		if (PyErr_Occurred())
+			return -1;
+	}
+	if (so->s) {
+		PyErr_SetString(PyExc_RuntimeError, "Store already initialised");
+		return -1;
+	}
+	int err = 0;
+	struct zc_store *s;
+
+	Py_BEGIN_ALLOW_THREADS
+	s = zc_store_open(&cfg, &err);
+	Py_END_ALLOW_THREADS
+	if (!s) {
+		if (err == -EINVAL) {
+			PyErr_SetString(PyExc_ValueError,
+					"bad store configuration (size, level, heaps or threshold)");
+			return -1;
+		}
+		raise_errno(err);
+		return -1;
+	}
+	so->s = s;
+	so->size = size;
+	so->heaps = heaps;
+	pthread_mutex_init(&so->ctx_lock, NULL);
+	return 0;
+}
+
+static void store_close(StoreObject *so)
+{
+	if (!so->s)
+		return;
+	for (int i = 0; i < so->nfree; i++)
+		zc_ctx_free(so->free_ctx[i]);
+	so->nfree = 0;
+	zc_store_close(so->s);
+	so->s = NULL;
+	pthread_mutex_destroy(&so->ctx_lock);
+}
+
+static void Store_dealloc(StoreObject *so)
+{
+	store_close(so);
+	Py_TYPE(so)->tp_free((PyObject *)so);
+}
+
+static PyObject *Store_close(StoreObject *so, PyObject *Py_UNUSED(ignored))
+{
+	if (so->fuse_users) {
+		PyErr_SetString(PyExc_RuntimeError, "store still served by a Fuse loop");
+		return NULL;
+	}
+	store_close(so);
+	Py_RETURN_NONE;
+}
+
+static PyObject *Store_read(StoreObject *so, PyObject *args)
+{
+	unsigned long long off;
+	unsigned int len;
+
+	if (!PyArg_ParseTuple(args, "KI", &off, &len) || !store_ready(so))
+		return NULL;
+	if (len > ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE) {
+		PyErr_SetString(PyExc_ValueError, "read larger than 1 MiB");
+		return NULL;
+	}
+	PyObject *out = PyBytes_FromStringAndSize(NULL, len);
+
+	if (!out)
+		return NULL;
+	int rc = -ENOMEM;
+	uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
+
+	Py_BEGIN_ALLOW_THREADS
+	struct zc_ctx *c = ctx_get(so);
+
+	if (c) {
+		rc = zc_store_read(c, off, len, dst);
+		ctx_put(so, c);
+	}
+	Py_END_ALLOW_THREADS
+	if (rc) {
+		Py_DECREF(out);
+		return raise_errno(rc);
+	}
+	return out;
+}
+
+static PyObject *Store_write(StoreObject *so, PyObject *args)
+{
+	unsigned long long off;
+	Py_buffer data;
+
+	if (!PyArg_ParseTuple(args, "Ky*", &off, &data))
+		return NULL;
+	if (!store_ready(so) || data.len > (Py_ssize_t)(ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE)) {
+		if (so->s)
+			PyErr_SetString(PyExc_ValueError, "write larger than 1 MiB");
+		PyBuffer_Release(&data);
+		return NULL;
+	}
+	int rc = -ENOMEM;
+
+	Py_BEGIN_ALLOW_THREADS
+	struct zc_ctx *c = ctx_get(so);
+
+	if (c) {
+		rc = zc_store_write(c, off, (uint32_t)data.len, data.buf);
+		ctx_put(so, c);
+	}
+	Py_END_ALLOW_THREADS
+	PyBuffer_Release(&data);
+	if (rc)
+		return raise_errno(rc);
+	Py_RETURN_NONE;
+}
+
+static PyObject *Store_discard(StoreObject *so, PyObject *args)
+{
+	unsigned long long off, len;
+
+	if (!PyArg_ParseTuple(args, "KK", &off, &len) || !store_ready(so))
+		return NULL;
+	int rc = -ENOMEM;
+
+	Py_BEGIN_ALLOW_THREADS
+	struct zc_ctx *c = ctx_get(so);
+
+	if (c) {
+		rc = zc_store_discard(c, off, len);
+		ctx_put(so, c);
+	}
+	Py_END_ALLOW_THREADS
+	if (rc)
+		return raise_errno(rc);
+	Py_RETURN_NONE;
+}
+
+#define STAT(name) {#name, offsetof(struct zc_store_stats, name)}
+static const struct {
+	const char *name;
+	size_t off;
+} store_fields[] = {
+	STAT(orig_data_size), STAT(compr_data_size), STAT(mem_used_total), STAT(mem_limit),
+	STAT(mem_used_max),   STAT(same_pages),      STAT(pages_compacted), STAT(huge_pages),
+	STAT(failed_reads),   STAT(failed_writes),   STAT(checksum_errors), STAT(reads),
+	STAT(writes),         STAT(discards),        STAT(pages_stored),    STAT(npages),
+	STAT(table_bytes),    STAT(objects),         STAT(metadata_bytes),  STAT(arena_bytes),
+};
+
+static PyObject *Store_stats(StoreObject *so, PyObject *Py_UNUSED(ignored))
+{
+	struct zc_store_stats st;
+
+	if (!store_ready(so))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	zc_store_stats(so->s, &st);
+	Py_END_ALLOW_THREADS
+	PyObject *d = PyDict_New();
+
+	for (size_t i = 0; d && i < sizeof(store_fields) / sizeof(store_fields[0]); i++) {
+		uint64_t v;
+
+		memcpy(&v, (const char *)&st + store_fields[i].off, sizeof(v));
+		PyObject *o = PyLong_FromUnsignedLongLong(v);
+
+		if (!o || PyDict_SetItemString(d, store_fields[i].name, o)) {
+			Py_XDECREF(o);
+			Py_DECREF(d);
+			return NULL;
+		}
+		Py_DECREF(o);
+	}
+	return d;
+}
+
+static PyObject *Store_compact(StoreObject *so, PyObject *args)
+{
+	unsigned long long max_moves = 0;
+	uint64_t moved;
+
+	if (!PyArg_ParseTuple(args, "|K", &max_moves) || !store_ready(so))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	moved = zc_store_compact(so->s, max_moves);
+	Py_END_ALLOW_THREADS
+	return PyLong_FromUnsignedLongLong(moved);
+}
+
+static PyObject *Store_reclaimable_bytes(StoreObject *so, PyObject *Py_UNUSED(ignored))
+{
+	uint64_t n;
+
+	if (!store_ready(so))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	n = zc_store_reclaimable_bytes(so->s);
+	Py_END_ALLOW_THREADS
+	return PyLong_FromUnsignedLongLong(n);
+}
+
+static PyObject *Store_fragmentation(StoreObject *so, PyObject *Py_UNUSED(ignored))
+{
+	struct xcf_class_usage u[XCF_NCLASSES];
+	unsigned n;
+
+	if (!store_ready(so))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	n = zc_store_fragmentation(so->s, u, XCF_NCLASSES);
+	Py_END_ALLOW_THREADS
+	PyObject *list = PyList_New(n);
+
+	for (unsigned i = 0; list && i < n; i++) {
+		PyObject *t = Py_BuildValue("(IKKK)", u[i].size, (unsigned long long)u[i].pool_bytes,
+					    (unsigned long long)u[i].requested_bytes,
+					    (unsigned long long)u[i].objects);
+
+		if (!t) {
+			Py_DECREF(list);
+			return NULL;
+		}
+		PyList_SET_ITEM(list, i, t);
+	}
+	return list;
+}
+
+static PyObject *Store_scrub(StoreObject *so, PyObject *Py_UNUSED(ignored))
+{
+	uint64_t checked = 0, bad = 0;
+	int ok = 0;
+
+	if (!store_ready(so))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	struct zc_ctx *c = ctx_get(so);
+
+	if (c) {
+		checked = zc_store_scrub(c, &bad);
+		ctx_put(so, c);
+		ok = 1;
+	}
+	Py_END_ALLOW_THREADS
+	if (!ok)
+		return PyErr_NoMemory();
+	return Py_BuildValue("(KK)", (unsigned long long)checked, (unsigned long long)bad);
+}
+
+static PyObject *Store_corrupt(StoreObject *so, PyObject *args)
+{
+	unsigned long long page;
+
+	if (!PyArg_ParseTuple(args, "K", &page) || !store_ready(so))
+		return NULL;
+	int rc = zc_store_corrupt(so->s, page);
+
+	if (rc)
+		return raise_errno(rc);
+	Py_RETURN_NONE;
+}
+
+static PyObject *Store_check(StoreObject *so, PyObject *Py_UNUSED(ignored))
+{
+	int rc;
+
+	if (!store_ready(so))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	rc = zc_store_check(so->s);
+	Py_END_ALLOW_THREADS
+	return PyLong_FromLong(rc);
+}
+
+static PyObject *Store_memfd(StoreObject *so, PyObject *Py_UNUSED(ignored))
+{
+	if (!store_ready(so))
+		return NULL;
+	return PyLong_FromLong(zc_store_memfd(so->s));
+}
+
+static PyMethodDef Store_methods[] = {
+	{"read", (PyCFunction)Store_read, METH_VARARGS, "read(offset, length) -> bytes"},
+	{"write", (PyCFunction)Store_write, METH_VARARGS, "write(offset, data)"},
+	{"discard", (PyCFunction)Store_discard, METH_VARARGS, "discard(offset, length)"},
+	{"stats", (PyCFunction)Store_stats, METH_NOARGS, "counters as a dict"},
+	{"compact", (PyCFunction)Store_compact, METH_VARARGS, "compact(max_moves=0) -> moved"},
+	{"reclaimable_bytes", (PyCFunction)Store_reclaimable_bytes, METH_NOARGS, ""},
+	{"fragmentation", (PyCFunction)Store_fragmentation, METH_NOARGS,
+	 "[(class size, pool bytes, requested bytes, objects)]"},
+	{"scrub", (PyCFunction)Store_scrub, METH_NOARGS, "scrub() -> (checked, bad)"},
+	{"corrupt", (PyCFunction)Store_corrupt, METH_VARARGS, "test hook: corrupt(page)"},
+	{"check", (PyCFunction)Store_check, METH_NOARGS, "allocator invariants: 0 = ok"},
+	{"memfd", (PyCFunction)Store_memfd, METH_NOARGS, "the arena's memfd"},
+	{"close", (PyCFunction)Store_close, METH_NOARGS, "free the store"},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject StoreType = {
+	PyVarObject_HEAD_INIT(NULL, 0).tp_name = "zcached._core.Store",
+	.tp_basicsize = sizeof(StoreObject),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_doc = "Store(size, compressor='lz4', level=None, mem_limit=0, huge_threshold=3584,"
+		  " heaps=1): the C page store in a memfd arena",
+	.tp_new = PyType_GenericNew,
+	.tp_init = (initproc)Store_init,
+	.tp_dealloc = (destructor)Store_dealloc,
+	.tp_methods = Store_methods,
+};
+
+/* ---- Fuse ---------------------------------------------------------------------------------- */
+
+static int Fuse_init(FuseObject *fo, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = {"store", "fd", "file_name", "threads", NULL};
+	PyObject *store;
+	int fd, threads = 1, err = 0;
+	const char *name;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O!is|i", kwlist, &StoreType, &store, &fd,
+					 &name, &threads))
+		return -1;
+	if (fo->f) {
+		PyErr_SetString(PyExc_RuntimeError, "Fuse already initialised");
+		return -1;
+	}
+	StoreObject *so = (StoreObject *)store;
+
+	if (!store_ready(so))
+		return -1;
+	if (threads < 1 || threads > so->heaps) {
+		PyErr_SetString(PyExc_ValueError, "threads must be 1..the store's heaps");
+		return -1;
+	}
+	fo->f = zc_fuse_new(so->s, fd, name, threads, &err);
+	if (!fo->f) {
+		raise_errno(err ? err : -ENOMEM);
+		return -1;
+	}
+	Py_INCREF(store);
+	fo->store = so;
+	so->fuse_users++;
+	return 0;
+}
+
+static PyObject *Fuse_start(FuseObject *fo, PyObject *Py_UNUSED(ignored))
+{
+	int rc;
+
+	if (!fo->f || fo->started) {
+		PyErr_SetString(PyExc_RuntimeError, "Fuse not initialised or already started");
+		return NULL;
+	}
+	Py_BEGIN_ALLOW_THREADS
+	rc = zc_fuse_start(fo->f);
+	Py_END_ALLOW_THREADS
+	fo->started = 1;
+	if (rc)
+		return raise_errno(rc);
+	fo->running = 1;
+	Py_RETURN_NONE;
+}
+
+static PyObject *Fuse_join(FuseObject *fo, PyObject *args)
+{
+	int timeout_ms, left = 0;
+
+	if (!PyArg_ParseTuple(args, "i", &timeout_ms))
+		return NULL;
+	if (fo->f && fo->started) {
+		Py_BEGIN_ALLOW_THREADS
+		left = zc_fuse_join(fo->f, timeout_ms);
+		Py_END_ALLOW_THREADS
+	}
+	if (!left)
+		fo->running = 0;
+	return PyLong_FromLong(left);
+}
+
+static void fuse_release(FuseObject *fo)
+{
+	if (!fo->f || fo->running)
+		return; /* never free what a live worker may still use */
+	zc_fuse_free(fo->f);
+	fo->f = NULL;
+	if (fo->store) {
+		fo->store->fuse_users--;
+		Py_CLEAR(fo->store);
+	}
+}
+
+static PyObject *Fuse_close(FuseObject *fo, PyObject *Py_UNUSED(ignored))
+{
+	if (fo->running) {
+		PyErr_SetString(PyExc_RuntimeError, "workers still running: join() first");
+		return NULL;
+	}
+	fuse_release(fo);
+	Py_RETURN_NONE;
+}
+
+static void Fuse_dealloc(FuseObject *fo)
+{
+	fuse_release(fo);
+	Py_TYPE(fo)->tp_free((PyObject *)fo);
+}
+
+static PyObject *u64_list(const uint64_t *v, unsigned n)
+{
+	PyObject *l = PyList_New(n);
+
+	for (unsigned i = 0; l && i < n; i++) {
+		PyObject *o = PyLong_FromUnsignedLongLong(v[i]);
+
+		if (!o) {
+			Py_DECREF(l);
+			return NULL;
+		}
+		PyList_SET_ITEM(l, i, o);
+	}
+	return l;
+}
+
+static int set_item(PyObject *d, const char *key, PyObject *v)
+{
+	int rc = v ? PyDict_SetItemString(d, key, v) : -1;
+
+	Py_XDECREF(v);
+	return rc;
+}
+
+static PyObject *Fuse_stats(FuseObject *fo, PyObject *Py_UNUSED(ignored))
+{
+	struct zc_fuse_stats *st;
+
+	if (!fo->f) {
+		PyErr_SetString(PyExc_ValueError, "Fuse is closed");
+		return NULL;
+	}
+	st = PyMem_Malloc(sizeof(*st));
+	if (!st)
+		return PyErr_NoMemory();
+	Py_BEGIN_ALLOW_THREADS
+	zc_fuse_stats(fo->f, st);
+	Py_END_ALLOW_THREADS
+	PyObject *d = PyDict_New(), *lat = PyList_New(ZC_FUSE_MAX_OPCODE);
+	int bad = !d || !lat;
+
+	for (unsigned op = 0; !bad && op < ZC_FUSE_MAX_OPCODE; op++) {
+		PyObject *row = u64_list(st->lat[op], ZC_FUSE_NBUCKETS);
+
+		if (!row)
+			bad = 1;
+		else
+			PyList_SET_ITEM(lat, op, row);
+	}
+	if (!bad)
+		bad = set_item(d, "requests", u64_list(st->requests, ZC_FUSE_MAX_OPCODE)) ||
+		      set_item(d, "errors", u64_list(st->errors, ZC_FUSE_MAX_OPCODE)) ||
+		      set_item(d, "lat_sum_ns", u64_list(st->lat_sum_ns, ZC_FUSE_MAX_OPCODE)) ||
+		      PyDict_SetItemString(d, "lat", lat) ||
+		      set_item(d, "latency_bounds_ns",
+			       u64_list(zc_fuse_latency_bounds_ns, ZC_FUSE_NBUCKETS - 1)) ||
+		      set_item(d, "bytes_read", PyLong_FromUnsignedLongLong(st->bytes_read)) ||
+		      set_item(d, "bytes_written", PyLong_FromUnsignedLongLong(st->bytes_written)) ||
+		      set_item(d, "bytes_discarded",
+			       PyLong_FromUnsignedLongLong(st->bytes_discarded)) ||
+		      set_item(d, "internal_errors",
+			       PyLong_FromUnsignedLongLong(st->internal_errors)) ||
+		      set_item(d, "initialized", PyBool_FromLong(st->initialized)) ||
+		      set_item(d, "kernel_minor", PyLong_FromUnsignedLong(st->kernel_minor)) ||
+		      set_item(d, "io_flusher_failed", PyBool_FromLong(st->io_flusher_failed));
+	PyMem_Free(st);
+	Py_XDECREF(lat);
+	if (bad) {
+		Py_XDECREF(d);
+		return NULL;
+	}
+	return d;
+}
+
+static PyMethodDef Fuse_methods[] = {
+	{"start", (PyCFunction)Fuse_start, METH_NOARGS, "start the worker threads"},
+	{"join", (PyCFunction)Fuse_join, METH_VARARGS, "join(timeout_ms) -> workers still running"},
+	{"stats", (PyCFunction)Fuse_stats, METH_NOARGS, "per-opcode counters and latencies"},
+	{"close", (PyCFunction)Fuse_close, METH_NOARGS, "free (after join() returned 0)"},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FuseType = {
+	PyVarObject_HEAD_INIT(NULL, 0).tp_name = "zcached._core.Fuse",
+	.tp_basicsize = sizeof(FuseObject),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_doc = "Fuse(store, fd, file_name, threads=1): the C request loop on a mounted fd",
+	.tp_new = PyType_GenericNew,
+	.tp_init = (initproc)Fuse_init,
+	.tp_dealloc = (destructor)Fuse_dealloc,
+	.tp_methods = Fuse_methods,
+};
+
+/* ---- module -------------------------------------------------------------------------------- */
+
+static struct PyModuleDef core_module = {
+	PyModuleDef_HEAD_INIT, .m_name = "zcached._core",
+	.m_doc = "The C data path of zcached: page store, xcfmalloc, codecs and the FUSE loop.",
+	.m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+	if (PyType_Ready(&StoreType) < 0 || PyType_Ready(&FuseType) < 0)
+		return NULL;
+	PyObject *m = PyModule_Create(&core_module);
+
+	if (!m)
+		return NULL;
+	if (PyModule_AddObjectRef(m, "Store", (PyObject *)&StoreType) ||
+	    PyModule_AddObjectRef(m, "Fuse", (PyObject *)&FuseType) ||
+	    PyModule_AddIntConstant(m, "PAGE_SIZE", ZC_PAGE_SIZE) ||
+	    PyModule_AddIntConstant(m, "MAX_REQUEST", ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE)) {
+		Py_DECREF(m);
+		return NULL;
+	}
+	return m;
+}

@@ -1,0 +1,799 @@
+/* store.c - the page store of the C core (see store.h): the page table and the request paths.
+ *
+ * Owns: the arena header and layout, the page table (one 64-bit entry and one 32-bit fill
+ * word per device page), the read/write/discard paths with read-modify-write of unaligned
+ * edges, checksum verification on every read, the memory limit as callers see it (ENOSPC),
+ * the stripe locks, the per-context counters, and the contexts themselves.
+ * Must not: know compression formats (codec.c), object layout (xcfmalloc.c), FUSE
+ * (fuse_loop.c) or Python; allocate on the request path (a context's buffers are allocated
+ * once, when it is made).  The reference model is zcached/store.py.
+ *
+ * ARENA LAYOUT (offsets from the memfd's start, all 4K aligned)
+ *   0           struct zc_hdr: magic, version, geometry, configuration, the offsets below
+ *   off_pte     u64 pte[npages]
+ *   off_fill    u32 fill_hi[npages]
+ *   off_ctx     struct zc_ctx_stats[ZC_MAX_CTX]: one slot of counters per live context
+ *   off_xcf     the allocator's region (xcfmalloc.c: its metadata, then the pool pages)
+ *
+ * PAGE TABLE ENTRY  pte[p] = state << 62 | payload
+ *   EMPTY      0                                    never written or discarded: zeros
+ *   SAME       1 << 62 | fill low 32 bits           fill_hi[p] holds the high 32 bits
+ *   COMPRESSED 2 << 62 | handle << 32 | checksum    handle < 2^30; checksum of the page
+ *   HUGE       3 << 62 | handle << 32 | checksum    the object is the raw page
+ *
+ * INVARIANTS
+ *  S1 An entry is published by one atomic store, after its object is complete (and after its
+ *     fill_hi for SAME); the object it replaces is freed after, by the thread that replaced it,
+ *     outside the stripe locks.  A handle is in at most one entry, and freed exactly once.
+ *  S2 A failed allocation (ENOSPC) leaves every page of the request as it was.
+ *  S3 A write request is atomic with respect to other requests: its objects are all stored
+ *     first, then committed under all its stripe locks at once.
+ *  S4 Bytes returned by a read matched their checksum (or are EMPTY/SAME pages); else -EIO
+ *     and checksum_errors++.
+ *
+ * LOCKING
+ *  ZC_NSTRIPES stripe locks; page p belongs to stripe (p >> ZC_STRIPE_SHIFT) % ZC_NSTRIPES.
+ *  A request takes the locks of the stripes it covers in ascending order and holds them for
+ *  table lookups/updates and copying object bytes out; compression and decompression of whole
+ *  pages happen outside them (edge pages of unaligned writes and discards are merged under
+ *  them).  Allocator locks are taken inside stripe locks, never the other way round.
+ *  ctx_lock guards the context slots (taken when a context is made or freed, and by stats).
+ */
+#include "store.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "arena.h"
+#include "codec.h"
+#include "xcfmalloc.h"
+
+#define ZC_MAGIC "ZCACHED1"
+#define ZC_VERSION 1u
+#define ZC_NSTRIPES 64u
+#define ZC_STRIPE_SHIFT 6
+#define ZC_MAX_CTX 256u
+#define ZC_CLEAR_RUN 512u
+#define ZC_MAX_HANDLE ((1u << 30) - 1u)
+
+#define ST_SHIFT 62
+#define PTE_STATE(e) ((unsigned)((e) >> ST_SHIFT))
+#define PTE_HANDLE(e) ((uint32_t)((e) >> 32) & ZC_MAX_HANDLE)
+#define PTE_CSUM(e) ((uint32_t)(e))
+
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
+#define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
+#define RLOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define BUMP(x, v) __atomic_store_n(&(x), RLOAD(x) + (uint64_t)(v), __ATOMIC_RELAXED)
+
+struct zc_hdr {
+	char magic[8];
+	uint32_t version, hdr_bytes;
+	uint64_t arena_bytes, size, npages;
+	int32_t compressor, level;
+	uint32_t huge_threshold;
+	int32_t heaps;
+	uint64_t mem_limit;
+	uint64_t off_pte, off_fill, off_ctx, off_xcf;
+	uint64_t pool_pages, max_handles, max_vpages;
+};
+
+/* One context's counters; single writer (the context's thread), read by stats. */
+struct zc_ctx_stats {
+	uint64_t used;
+	uint64_t reads, writes, discards, failed_reads, failed_writes, checksum_errors;
+	uint64_t by_state[4]; /* changes in the number of pages per state (two's complement) */
+	uint64_t pad[4];
+};
+
+struct zc_store {
+	struct zc_arena arena;
+	struct zc_hdr *hdr;
+	uint64_t *pte;
+	uint32_t *fill;
+	struct zc_ctx_stats *cstats;
+	struct xcf_pool *pool;
+	uint64_t npages;
+	struct zc_store_config cfg;
+	pthread_mutex_t stripes[ZC_NSTRIPES];
+	pthread_mutex_t ctx_lock;
+	struct zc_ctx_stats retired; /* counters of freed contexts (ctx_lock) */
+};
+
+struct zc_ctx {
+	struct zc_store *s;
+	int heap, slot;
+	struct zc_codec codec;
+	struct zc_ctx_stats *st;
+	uint8_t *scratch;   /* copies of objects read under the locks: MAX_REQ pages */
+	uint32_t obj_off[ZC_MAX_REQ_PAGES], obj_len[ZC_MAX_REQ_PAGES];
+	uint64_t snap[ZC_MAX_REQ_PAGES];
+	uint32_t snap_fill[ZC_MAX_REQ_PAGES];
+	uint64_t newe[ZC_MAX_REQ_PAGES];
+	uint32_t newf[ZC_MAX_REQ_PAGES];
+	uint64_t olde[ZC_CLEAR_RUN];
+	uint8_t enc[ZC_CODEC_OUT_MAX];
+	uint8_t page[ZC_PAGE_SIZE];
+	uint8_t obj[ZC_PAGE_SIZE];
+};
+
+static uint64_t align4k(uint64_t n)
+{
+	return (n + ZC_PAGE_SIZE - 1) & ~(uint64_t)(ZC_PAGE_SIZE - 1);
+}
+
+/* ---- stripe locks -------------------------------------------------------------------------- */
+
+/* The stripes of pages first..last as a bitmap (ascending order = acquisition order). */
+static uint64_t stripes_of(uint64_t first, uint64_t last)
+{
+	uint64_t lo = first >> ZC_STRIPE_SHIFT, hi = last >> ZC_STRIPE_SHIFT, set = 0;
+
+	if (hi - lo + 1 >= ZC_NSTRIPES)
+		return UINT64_MAX;
+	for (uint64_t r = lo; r <= hi; r++)
+		set |= 1ull << (r % ZC_NSTRIPES);
+	return set;
+}
+
+static void lock_stripes(struct zc_store *s, uint64_t set)
+{
+	for (unsigned i = 0; i < ZC_NSTRIPES; i++)
+		if (set >> i & 1)
+			pthread_mutex_lock(&s->stripes[i]);
+}
+
+static void unlock_stripes(struct zc_store *s, uint64_t set)
+{
+	for (int i = (int)ZC_NSTRIPES - 1; i >= 0; i--)
+		if (set >> i & 1)
+			pthread_mutex_unlock(&s->stripes[i]);
+}
+
+/* ---- counters ------------------------------------------------------------------------------ */
+
+static void count_state(struct zc_ctx *c, uint64_t old, uint64_t new)
+{
+	BUMP(c->st->by_state[PTE_STATE(old)], (uint64_t)-1);
+	BUMP(c->st->by_state[PTE_STATE(new)], 1);
+}
+
+/* ---- entries ------------------------------------------------------------------------------- */
+
+static uint64_t pte_same(uint64_t word, uint32_t *fill_hi)
+{
+	*fill_hi = (uint32_t)(word >> 32);
+	return (uint64_t)ZC_SAME << ST_SHIFT | (uint32_t)word;
+}
+
+static uint64_t pte_object(unsigned state, uint32_t handle, uint32_t csum)
+{
+	return (uint64_t)state << ST_SHIFT | (uint64_t)handle << 32 | csum;
+}
+
+/* Publish entry e for page p (S1: fill word first, then the entry in one store). */
+static uint64_t publish(struct zc_store *s, uint64_t p, uint64_t e, uint32_t fill_hi)
+{
+	uint64_t old = RLOAD(s->pte[p]);
+
+	STORE(s->fill[p], fill_hi);
+	STORE(s->pte[p], e);
+	return old;
+}
+
+static void free_entry(struct zc_ctx *c, uint64_t e)
+{
+	unsigned st = PTE_STATE(e);
+
+	if (st == ZC_COMPRESSED || st == ZC_HUGE)
+		xcf_free(c->s->pool, c->heap, PTE_HANDLE(e));
+}
+
+/* Encode one page and store its object; the new entry in *e (and *fill).  0 or -errno. */
+static int encode_store(struct zc_ctx *c, const uint8_t *page, uint64_t *e, uint32_t *fill)
+{
+	uint32_t len = 0, csum = 0, h;
+	uint64_t word = 0;
+	int kind = zc_codec_encode(&c->codec, page, c->enc, &len, &word, &csum);
+
+	*fill = 0;
+	if (kind == ZC_SAME) {
+		*e = pte_same(word, fill);
+		return 0;
+	}
+	int rc = xcf_store(c->s->pool, c->heap, kind == ZC_HUGE ? page : c->enc, len, &h);
+
+	if (rc)
+		return rc;
+	if (h > ZC_MAX_HANDLE) {
+		xcf_free(c->s->pool, c->heap, h);
+		return -ENOSPC;
+	}
+	*e = pte_object((unsigned)kind, h, csum);
+	return 0;
+}
+
+/* Copy page p's object out (caller holds its stripe): into c->scratch at *at. */
+static int snapshot(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t *at)
+{
+	struct zc_store *s = c->s;
+	uint64_t e = RLOAD(s->pte[p]);
+
+	c->snap[i] = e;
+	c->snap_fill[i] = RLOAD(s->fill[p]);
+	c->obj_len[i] = 0;
+	if (PTE_STATE(e) < ZC_COMPRESSED)
+		return 0;
+	int n = xcf_read(s->pool, PTE_HANDLE(e), c->scratch + *at);
+
+	if (n < 0)
+		return -EIO;
+	c->obj_off[i] = *at;
+	c->obj_len[i] = (uint32_t)n;
+	*at += (uint32_t)n;
+	return 0;
+}
+
+/* The page that snapshot i holds, verified (S4), into out[4096]. */
+static int materialise(struct zc_ctx *c, unsigned i, uint8_t *out)
+{
+	uint64_t e = c->snap[i];
+	const uint8_t *obj = c->scratch + c->obj_off[i];
+
+	switch (PTE_STATE(e)) {
+	case ZC_EMPTY:
+		memset(out, 0, ZC_PAGE_SIZE);
+		return 0;
+	case ZC_SAME:
+		zc_fill_page(out, (uint64_t)c->snap_fill[i] << 32 | (uint32_t)e);
+		return 0;
+	case ZC_HUGE:
+		if (c->obj_len[i] != ZC_PAGE_SIZE)
+			return -EIO;
+		memcpy(out, obj, ZC_PAGE_SIZE);
+		break;
+	default:
+		if (zc_codec_decode(&c->codec, obj, c->obj_len[i], out))
+			return -EIO;
+	}
+	return zc_checksum(out) == PTE_CSUM(e) ? 0 : -EIO;
+}
+
+static int integrity_error(struct zc_ctx *c)
+{
+	BUMP(c->st->checksum_errors, 1);
+	return -EIO;
+}
+
+/* ---- read ---------------------------------------------------------------------------------- */
+
+int zc_store_read(struct zc_ctx *c, uint64_t off, uint32_t len, uint8_t *out)
+{
+	struct zc_store *s = c->s;
+
+	if (len == 0)
+		return 0;
+	if (len > ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE || off >= s->cfg.size || len > s->cfg.size - off)
+		return -EINVAL;
+	uint64_t first = off >> ZC_PAGE_SHIFT, last = (off + len - 1) >> ZC_PAGE_SHIFT;
+	unsigned n = (unsigned)(last - first + 1);
+	uint64_t set = stripes_of(first, last);
+	uint32_t at = 0;
+	int rc = 0;
+
+	lock_stripes(s, set);
+	for (unsigned i = 0; i < n && !rc; i++)
+		rc = snapshot(c, first + i, i, &at);
+	unlock_stripes(s, set);
+	BUMP(c->st->reads, n);
+	for (unsigned i = 0; i < n && !rc; i++) {
+		uint64_t base = (first + i) << ZC_PAGE_SHIFT;
+		uint64_t lo = off > base ? off - base : 0;
+		uint64_t hi = off + len < base + ZC_PAGE_SIZE ? off + len - base : ZC_PAGE_SIZE;
+		uint8_t *dst = out + (base + lo - off);
+
+		if (lo == 0 && hi == ZC_PAGE_SIZE) {
+			rc = materialise(c, i, dst);
+		} else {
+			rc = materialise(c, i, c->page);
+			memcpy(dst, c->page + lo, hi - lo);
+		}
+	}
+	if (rc) {
+		BUMP(c->st->failed_reads, 1);
+		return integrity_error(c);
+	}
+	return 0;
+}
+
+/* ---- write --------------------------------------------------------------------------------- */
+
+static void drop_new(struct zc_ctx *c, unsigned n)
+{
+	for (unsigned i = 0; i < n; i++)
+		free_entry(c, c->newe[i]);
+}
+
+/* Edge page p of a write/discard: merge bytes [lo, hi) (data, or zeros when NULL) into it
+ * under its stripe lock and store it again; new entry in c->newe[i]. */
+static int merge_edge(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t lo, uint32_t hi,
+		      const uint8_t *data)
+{
+	uint32_t at = 0;
+	int rc = snapshot(c, p, i, &at);
+
+	if (!rc)
+		rc = materialise(c, i, c->page);
+	if (rc)
+		return integrity_error(c);
+	if (data)
+		memcpy(c->page + lo, data, hi - lo);
+	else
+		memset(c->page + lo, 0, hi - lo);
+	return encode_store(c, c->page, &c->newe[i], &c->newf[i]);
+}
+
+static void commit(struct zc_ctx *c, uint64_t first, unsigned n)
+{
+	for (unsigned i = 0; i < n; i++) {
+		uint64_t old = publish(c->s, first + i, c->newe[i], c->newf[i]);
+
+		count_state(c, old, c->newe[i]);
+		c->snap[i] = old;
+	}
+}
+
+int zc_store_write(struct zc_ctx *c, uint64_t off, uint32_t len, const uint8_t *data)
+{
+	struct zc_store *s = c->s;
+
+	if (len == 0)
+		return 0;
+	if (len > ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE)
+		return -EINVAL;
+	if (off >= s->cfg.size || len > s->cfg.size - off)
+		return -EFBIG;
+	uint64_t first = off >> ZC_PAGE_SHIFT, last = (off + len - 1) >> ZC_PAGE_SHIFT;
+	unsigned n = (unsigned)(last - first + 1), i;
+	uint32_t head = (uint32_t)(off & (ZC_PAGE_SIZE - 1));
+	uint32_t tail = (uint32_t)((off + len) & (ZC_PAGE_SIZE - 1));
+	int head_edge = head != 0 || (n == 1 && tail != 0), tail_edge = n > 1 && tail != 0;
+	uint64_t set = stripes_of(first, last);
+	int rc = 0;
+
+	/* Whole pages: encoded and stored outside any lock. */
+	for (i = 0; i < n && !rc; i++) {
+		if ((i == 0 && head_edge) || (i == n - 1 && tail_edge)) {
+			c->newe[i] = 0;
+			c->newf[i] = 0;
+			continue;
+		}
+		rc = encode_store(c, data + ((first + i) << ZC_PAGE_SHIFT) - off, &c->newe[i],
+				  &c->newf[i]);
+	}
+	if (rc) {
+		drop_new(c, i - 1);
+		goto fail;
+	}
+	lock_stripes(s, set);
+	if (head_edge) {
+		uint32_t hi = n == 1 && tail ? tail : ZC_PAGE_SIZE;
+
+		rc = merge_edge(c, first, 0, head, hi, data);
+	}
+	if (!rc && tail_edge)
+		rc = merge_edge(c, last, n - 1, 0, tail, data + (last << ZC_PAGE_SHIFT) - off);
+	if (rc) {
+		unlock_stripes(s, set);
+		drop_new(c, n);
+		goto fail;
+	}
+	commit(c, first, n);
+	unlock_stripes(s, set);
+	for (i = 0; i < n; i++)
+		free_entry(c, c->snap[i]);
+	BUMP(c->st->writes, n);
+	return 0;
+fail:
+	BUMP(c->st->failed_writes, 1);
+	return rc;
+}
+
+/* ---- discard ------------------------------------------------------------------------------- */
+
+/* Empty whole pages lo..hi-1 (at most ZC_CLEAR_RUN) under their stripes, then free them. */
+static void clear_run(struct zc_ctx *c, uint64_t lo, uint64_t hi)
+{
+	struct zc_store *s = c->s;
+	uint64_t set = stripes_of(lo, hi - 1);
+	unsigned n = 0;
+
+	lock_stripes(s, set);
+	for (uint64_t p = lo; p < hi; p++) {
+		uint64_t e = RLOAD(s->pte[p]);
+
+		if (!e && !RLOAD(s->fill[p]))
+			continue;
+		publish(s, p, 0, 0);
+		count_state(c, e, 0);
+		c->olde[n++] = e;
+	}
+	unlock_stripes(s, set);
+	for (unsigned i = 0; i < n; i++)
+		free_entry(c, c->olde[i]);
+}
+
+static int is_zero_entry(struct zc_store *s, uint64_t p)
+{
+	uint64_t e = RLOAD(s->pte[p]);
+
+	return e == 0 || (PTE_STATE(e) == ZC_SAME && (uint32_t)e == 0 && RLOAD(s->fill[p]) == 0);
+}
+
+/* Zero the partial edge pages of a discard of [off, end): both under their stripe locks at
+ * once, so a failure (ENOSPC re-storing one) leaves both as they were (S2).  0 or -errno. */
+static int zero_edges(struct zc_ctx *c, uint64_t off, uint64_t end, uint64_t full_lo,
+		      uint64_t full_hi)
+{
+	struct zc_store *s = c->s;
+	uint64_t first = off >> ZC_PAGE_SHIFT, last = (end - 1) >> ZC_PAGE_SHIFT;
+	uint64_t edge[2];
+	unsigned n = 0;
+	int rc = 0;
+
+	if (!(full_lo <= first && first < full_hi))
+		edge[n++] = first;
+	if (last != first && !(full_lo <= last && last < full_hi))
+		edge[n++] = last;
+	if (!n)
+		return 0;
+	uint64_t set = stripes_of(edge[0], edge[n - 1]);
+
+	if (n == 2)
+		set = stripes_of(edge[0], edge[0]) | stripes_of(edge[1], edge[1]);
+	lock_stripes(s, set);
+	unsigned k = 0;
+	uint64_t pages[2];
+
+	for (unsigned i = 0; i < n && !rc; i++) {
+		uint64_t base = edge[i] << ZC_PAGE_SHIFT;
+		uint64_t lo = off > base ? off - base : 0;
+		uint64_t hi = end < base + ZC_PAGE_SIZE ? end - base : ZC_PAGE_SIZE;
+
+		if (is_zero_entry(s, edge[i]))
+			continue;
+		rc = merge_edge(c, edge[i], k, (uint32_t)lo, (uint32_t)hi, NULL);
+		if (!rc)
+			pages[k++] = edge[i];
+	}
+	if (rc) {
+		unlock_stripes(s, set);
+		drop_new(c, k);
+		return rc;
+	}
+	for (unsigned i = 0; i < k; i++) {
+		uint64_t old = publish(s, pages[i], c->newe[i], c->newf[i]);
+
+		count_state(c, old, c->newe[i]);
+		c->snap[i] = old;
+	}
+	unlock_stripes(s, set);
+	for (unsigned i = 0; i < k; i++)
+		free_entry(c, c->snap[i]);
+	return 0;
+}
+
+int zc_store_discard(struct zc_ctx *c, uint64_t off, uint64_t len)
+{
+	struct zc_store *s = c->s;
+
+	if (len == 0)
+		return 0;
+	if (off >= s->cfg.size || len > s->cfg.size - off)
+		return -EINVAL;
+	uint64_t end = off + len;
+	uint64_t full_lo = (off + ZC_PAGE_SIZE - 1) >> ZC_PAGE_SHIFT, full_hi = end >> ZC_PAGE_SHIFT;
+	int rc = zero_edges(c, off, end, full_lo, full_hi);
+
+	if (rc) {
+		BUMP(c->st->failed_writes, 1);
+		return rc;
+	}
+	for (uint64_t p = full_lo; p < full_hi; p += ZC_CLEAR_RUN)
+		clear_run(c, p, p + ZC_CLEAR_RUN < full_hi ? p + ZC_CLEAR_RUN : full_hi);
+	if (full_hi > full_lo)
+		BUMP(c->st->discards, full_hi - full_lo);
+	return 0;
+}
+
+/* ---- scrub and test hooks ------------------------------------------------------------------ */
+
+uint64_t zc_store_scrub(struct zc_ctx *c, uint64_t *bad)
+{
+	struct zc_store *s = c->s;
+	uint64_t checked = 0;
+
+	*bad = 0;
+	for (uint64_t p = 0; p < s->npages; p++) {
+		uint64_t set = stripes_of(p, p);
+		uint32_t at = 0;
+		int rc;
+
+		if (PTE_STATE(RLOAD(s->pte[p])) < ZC_COMPRESSED)
+			continue;
+		lock_stripes(s, set);
+		rc = snapshot(c, p, 0, &at);
+		unlock_stripes(s, set);
+		if (!rc && PTE_STATE(c->snap[0]) < ZC_COMPRESSED)
+			continue;
+		if (!rc)
+			rc = materialise(c, 0, c->page);
+		checked++;
+		if (rc) {
+			(*bad)++;
+			integrity_error(c);
+		}
+	}
+	return checked;
+}
+
+int zc_store_corrupt(struct zc_store *s, uint64_t page)
+{
+	if (page >= s->npages)
+		return -ENOENT;
+	uint64_t set = stripes_of(page, page);
+	int rc = -ENOENT;
+
+	lock_stripes(s, set);
+	uint64_t e = RLOAD(s->pte[page]);
+
+	if (PTE_STATE(e) >= ZC_COMPRESSED)
+		rc = xcf_corrupt(s->pool, PTE_HANDLE(e));
+	unlock_stripes(s, set);
+	return rc;
+}
+
+/* ---- statistics ---------------------------------------------------------------------------- */
+
+static void add_counters(struct zc_ctx_stats *sum, const struct zc_ctx_stats *x)
+{
+	sum->reads += RLOAD(x->reads);
+	sum->writes += RLOAD(x->writes);
+	sum->discards += RLOAD(x->discards);
+	sum->failed_reads += RLOAD(x->failed_reads);
+	sum->failed_writes += RLOAD(x->failed_writes);
+	sum->checksum_errors += RLOAD(x->checksum_errors);
+	for (unsigned k = 0; k < 4; k++)
+		sum->by_state[k] += RLOAD(x->by_state[k]);
+}
+
+void zc_store_stats(struct zc_store *s, struct zc_store_stats *out)
+{
+	struct zc_ctx_stats sum;
+	struct xcf_stats x;
+
+	pthread_mutex_lock(&s->ctx_lock);
+	sum = s->retired;
+	for (unsigned i = 0; i < ZC_MAX_CTX; i++)
+		if (RLOAD(s->cstats[i].used))
+			add_counters(&sum, &s->cstats[i]);
+	pthread_mutex_unlock(&s->ctx_lock);
+	xcf_stats(s->pool, &x);
+	memset(out, 0, sizeof(*out));
+	out->pages_stored = sum.by_state[ZC_SAME] + sum.by_state[ZC_COMPRESSED] +
+			    sum.by_state[ZC_HUGE];
+	out->orig_data_size = out->pages_stored * ZC_PAGE_SIZE;
+	out->compr_data_size = x.requested_bytes;
+	out->mem_used_total = x.pool_pages * ZC_PAGE_SIZE;
+	out->mem_limit = s->cfg.mem_limit;
+	out->mem_used_max = x.pool_pages_max * ZC_PAGE_SIZE;
+	out->same_pages = sum.by_state[ZC_SAME];
+	out->pages_compacted = x.pages_compacted;
+	out->huge_pages = sum.by_state[ZC_HUGE];
+	out->failed_reads = sum.failed_reads;
+	out->failed_writes = sum.failed_writes;
+	out->checksum_errors = sum.checksum_errors;
+	out->reads = sum.reads;
+	out->writes = sum.writes;
+	out->discards = sum.discards;
+	out->npages = s->npages;
+	out->table_bytes = s->npages * 12;
+	out->objects = x.objects;
+	out->metadata_bytes = x.metadata_bytes + out->table_bytes + ZC_PAGE_SIZE +
+			      ZC_MAX_CTX * sizeof(struct zc_ctx_stats);
+	out->arena_bytes = s->arena.size;
+}
+
+unsigned zc_store_fragmentation(struct zc_store *s, struct xcf_class_usage *out, unsigned n)
+{
+	return xcf_fragmentation(s->pool, out, n);
+}
+
+int zc_store_check(struct zc_store *s)
+{
+	return xcf_check(s->pool);
+}
+
+uint64_t zc_store_compact(struct zc_store *s, uint64_t max_moves)
+{
+	return xcf_compact(s->pool, max_moves);
+}
+
+uint64_t zc_store_reclaimable_bytes(struct zc_store *s)
+{
+	return xcf_reclaimable_bytes(s->pool);
+}
+
+/* ---- contexts ------------------------------------------------------------------------------ */
+
+struct zc_ctx *zc_ctx_new(struct zc_store *s, int heap)
+{
+	struct zc_ctx *c = calloc(1, sizeof(*c));
+
+	if (!c)
+		return NULL;
+	c->s = s;
+	c->heap = heap < 1 ? 1 : 1 + (heap - 1) % s->cfg.heaps;
+	c->scratch = malloc((size_t)ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE);
+	if (!c->scratch ||
+	    zc_codec_init(&c->codec, s->cfg.compressor, s->cfg.level, s->cfg.huge_threshold)) {
+		free(c->scratch);
+		free(c);
+		return NULL;
+	}
+	c->slot = -1;
+	pthread_mutex_lock(&s->ctx_lock);
+	for (unsigned i = 0; i < ZC_MAX_CTX; i++)
+		if (!s->cstats[i].used) {
+			c->slot = (int)i;
+			memset(&s->cstats[i], 0, sizeof(s->cstats[i]));
+			STORE(s->cstats[i].used, 1);
+			break;
+		}
+	pthread_mutex_unlock(&s->ctx_lock);
+	if (c->slot < 0) {
+		zc_ctx_free(c);
+		return NULL;
+	}
+	c->st = &s->cstats[c->slot];
+	return c;
+}
+
+void zc_ctx_free(struct zc_ctx *c)
+{
+	if (!c)
+		return;
+	struct zc_store *s = c->s;
+
+	if (c->slot >= 0) {
+		pthread_mutex_lock(&s->ctx_lock);
+		add_counters(&s->retired, c->st);
+		STORE(c->st->used, 0);
+		pthread_mutex_unlock(&s->ctx_lock);
+	}
+	zc_codec_fini(&c->codec);
+	free(c->scratch);
+	free(c);
+}
+
+/* ---- opening ------------------------------------------------------------------------------- */
+
+static int check_config(const struct zc_store_config *cfg)
+{
+	struct zc_codec probe;
+
+	if (cfg->size == 0 || cfg->size % ZC_PAGE_SIZE || cfg->heaps < 1 ||
+	    cfg->heaps > XCF_MAX_HEAPS || (cfg->size >> ZC_PAGE_SHIFT) >= ZC_MAX_HANDLE / 2)
+		return -EINVAL;
+	int rc = zc_codec_init(&probe, cfg->compressor, cfg->level, cfg->huge_threshold);
+
+	zc_codec_fini(&probe);
+	return rc;
+}
+
+static void geometry(const struct zc_store_config *cfg, struct xcf_geometry *g)
+{
+	uint64_t npages = cfg->size >> ZC_PAGE_SHIFT;
+	uint64_t pool = npages + npages / 4 + 256; /* room for fragmentation before compaction */
+	uint64_t limit = cfg->mem_limit / ZC_PAGE_SIZE;
+
+	if (limit && limit < pool)
+		pool = limit;
+	g->pool_pages = pool ? pool : 1;
+	g->heaps = cfg->heaps;
+	g->max_handles = npages + (uint64_t)(cfg->heaps + 1) * (2 * ZC_MAX_REQ_PAGES + 128) + 4096;
+	g->max_vpages = (g->pool_pages < g->max_handles ? g->pool_pages : g->max_handles) + 2;
+}
+
+static void write_header(struct zc_store *s, const struct xcf_geometry *g)
+{
+	struct zc_hdr *h = s->hdr;
+
+	memcpy(h->magic, ZC_MAGIC, 8);
+	h->version = ZC_VERSION;
+	h->hdr_bytes = sizeof(*h);
+	h->arena_bytes = s->arena.size;
+	h->size = s->cfg.size;
+	h->npages = s->npages;
+	h->compressor = s->cfg.compressor;
+	h->level = s->cfg.level;
+	h->huge_threshold = s->cfg.huge_threshold;
+	h->heaps = s->cfg.heaps;
+	h->mem_limit = s->cfg.mem_limit;
+	h->pool_pages = g->pool_pages;
+	h->max_handles = g->max_handles;
+	h->max_vpages = g->max_vpages;
+}
+
+struct zc_store *zc_store_open(const struct zc_store_config *cfg, int *err)
+{
+	struct xcf_geometry g;
+	int rc = check_config(cfg);
+
+	*err = rc;
+	if (rc)
+		return NULL;
+	struct zc_store *s = calloc(1, sizeof(*s));
+
+	*err = -ENOMEM;
+	if (!s)
+		return NULL;
+	s->cfg = *cfg;
+	s->npages = cfg->size >> ZC_PAGE_SHIFT;
+	s->arena.fd = -1;
+	geometry(cfg, &g);
+	uint64_t off_pte = ZC_PAGE_SIZE, off_fill = off_pte + align4k(s->npages * 8);
+	uint64_t off_ctx = off_fill + align4k(s->npages * 4);
+	uint64_t off_xcf = off_ctx + align4k(ZC_MAX_CTX * sizeof(struct zc_ctx_stats));
+
+	rc = zc_arena_create(&s->arena, off_xcf + xcf_arena_bytes(&g), "zcached-arena");
+	if (rc) {
+		*err = rc;
+		free(s);
+		return NULL;
+	}
+	s->hdr = ZC_ARENA_AT(&s->arena, 0, struct zc_hdr);
+	s->pte = ZC_ARENA_AT(&s->arena, off_pte, uint64_t);
+	s->fill = ZC_ARENA_AT(&s->arena, off_fill, uint32_t);
+	s->cstats = ZC_ARENA_AT(&s->arena, off_ctx, struct zc_ctx_stats);
+	s->pool = xcf_create(&s->arena, off_xcf, &g, cfg->mem_limit / ZC_PAGE_SIZE, err);
+	if (!s->pool) {
+		zc_arena_destroy(&s->arena);
+		free(s);
+		return NULL;
+	}
+	s->hdr->off_pte = off_pte;
+	s->hdr->off_fill = off_fill;
+	s->hdr->off_ctx = off_ctx;
+	s->hdr->off_xcf = off_xcf;
+	write_header(s, &g);
+	for (unsigned i = 0; i < ZC_NSTRIPES; i++)
+		pthread_mutex_init(&s->stripes[i], NULL);
+	pthread_mutex_init(&s->ctx_lock, NULL);
+	*err = 0;
+	return s;
+}
+
+void zc_store_close(struct zc_store *s)
+{
+	if (!s)
+		return;
+	xcf_destroy(s->pool);
+	zc_arena_destroy(&s->arena);
+	for (unsigned i = 0; i < ZC_NSTRIPES; i++)
+		pthread_mutex_destroy(&s->stripes[i]);
+	pthread_mutex_destroy(&s->ctx_lock);
+	free(s);
+}
+
+int zc_store_memfd(const struct zc_store *s)
+{
+	return s->arena.fd;
+}
+
+uint64_t zc_store_size(const struct zc_store *s)
+{
+	return s->cfg.size;
+}

@@ -1,0 +1,237 @@
+"""core: the daemon's data path, the C core (zcached._core) behind the Python interfaces.
+
+Owns: :class:`CoreStore` (the C page store in its memfd arena, with the ``PageStore``
+interface that the metrics, status and compactor use) and :class:`CoreFuseServer` (the C FUSE
+request loop on the descriptor that :class:`zcached.fuse.FuseServer` mounts).
+Must not: do per-request work in Python.  Every call into ``_core`` releases the GIL; the FUSE
+workers are C threads that never take it.
+
+The reference model of what the core does is zcached/store.py + zcached/xcfmalloc.py
+(tests/test_core_model.py runs both on the same operations and compares every byte and
+counter); zcached/fuse.py is the model of the request loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+
+from zcached import _core
+from zcached.codec import DEFAULT_HUGE_THRESHOLD
+from zcached.fuse import LATENCY_BOUNDS_NS, OPCODE_NAMES, FuseServer, MountError
+from zcached.store import TABLE_BYTES_PER_PAGE, StoreError, StoreStats
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CoreFuseServer", "CorePool", "CoreStore", "PoolStats"]
+
+# Table bytes per device page in the core (u64 entry + u32 fill word); the model has 9.
+CORE_TABLE_BYTES_PER_PAGE = 12
+assert CORE_TABLE_BYTES_PER_PAGE > TABLE_BYTES_PER_PAGE
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """The allocator counters the compactor and benchmarks read (as xcfmalloc.PoolStats)."""
+
+    pool_bytes: int
+    pool_bytes_max: int
+    requested_bytes: int
+    objects: int
+    pages_compacted: int
+    metadata_bytes: int
+
+
+def _store_error(e: OSError, what: str) -> StoreError:
+    err = e.errno or errno.EIO
+    return StoreError(err, f"{what}: {e.strerror or errno.errorcode.get(err, err)}")
+
+
+class CorePool:
+    """The allocator side of a :class:`CoreStore`: what the compactor and metrics ask of it."""
+
+    def __init__(self, core: _core.Store) -> None:
+        self._core = core
+
+    @property
+    def pool_bytes(self) -> int:
+        return int(self._core.stats()["mem_used_total"])
+
+    @property
+    def requested_bytes(self) -> int:
+        return int(self._core.stats()["compr_data_size"])
+
+    def compact(self, max_moves: int | None = None) -> int:
+        """Move up to ``max_moves`` objects (None: until nothing is worth moving), GIL free."""
+        return int(self._core.compact(max_moves or 0))
+
+    def reclaimable_bytes(self) -> int:
+        return int(self._core.reclaimable_bytes())
+
+    def fragmentation(self) -> list[tuple[int, int, int]]:
+        """(class size, pool bytes, requested bytes) of each class in use."""
+        return [(size, pool, req) for size, pool, req, _n in self._core.fragmentation()]
+
+    def stats(self) -> PoolStats:
+        s = self._core.stats()
+        return PoolStats(
+            pool_bytes=s["mem_used_total"],
+            pool_bytes_max=s["mem_used_max"],
+            requested_bytes=s["compr_data_size"],
+            objects=s["objects"],
+            pages_compacted=s["pages_compacted"],
+            metadata_bytes=s["metadata_bytes"],
+        )
+
+    def check(self) -> None:
+        """Raise AssertionError if an allocator invariant is broken (tests)."""
+        rc = self._core.check()
+        if rc:
+            raise AssertionError(f"xcfmalloc invariant {-rc} broken")
+
+
+class CoreStore:
+    """A block device of ``size_bytes`` in the C core; the ``PageStore`` interface."""
+
+    def __init__(
+        self,
+        size_bytes: int,
+        *,
+        compressor: str = "lz4",
+        level: int | None = None,
+        mem_limit: int = 0,
+        heaps: int = 1,
+        huge_threshold: int = DEFAULT_HUGE_THRESHOLD,
+    ) -> None:
+        if size_bytes <= 0 or size_bytes % _core.PAGE_SIZE:
+            raise ValueError(f"device size must be a positive multiple of {_core.PAGE_SIZE}")
+        if mem_limit < 0:
+            raise ValueError("mem_limit must be >= 0 (0 = no limit)")
+        self.size_bytes = size_bytes
+        self.npages = size_bytes // _core.PAGE_SIZE
+        self.compressor = compressor
+        self.core = _core.Store(
+            size_bytes,
+            compressor=compressor,
+            level=level,
+            mem_limit=mem_limit,
+            huge_threshold=huge_threshold,
+            heaps=heaps,
+        )
+        self.allocator = CorePool(self.core)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length, _core.MAX_REQUEST)
+        try:
+            return bytes(self.core.read(offset, length))
+        except OSError as e:
+            raise _store_error(e, f"read {offset}+{length}") from None
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_range(offset, len(data), _core.MAX_REQUEST)
+        try:
+            self.core.write(offset, data)
+        except OSError as e:
+            raise _store_error(e, f"write {offset}+{len(data)}") from None
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_range(offset, length, self.size_bytes)
+        try:
+            self.core.discard(offset, length)
+        except OSError as e:
+            raise _store_error(e, f"discard {offset}+{length}") from None
+
+    def _check_range(self, offset: int, length: int, most: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size_bytes:
+            raise StoreError(errno.EINVAL, f"range {offset}+{length} outside the device")
+        if length > most:
+            raise StoreError(errno.EINVAL, f"request of {length} bytes (at most {most})")
+
+    def scrub(self) -> tuple[int, int]:
+        """Verify every stored page: (pages checked, pages failing their checksum)."""
+        checked, bad = self.core.scrub()
+        return int(checked), int(bad)
+
+    def corrupt(self, page: int) -> None:
+        """Test hook: flip a byte of the object that holds ``page``."""
+        self.core.corrupt(page)
+
+    def stats(self) -> StoreStats:
+        s = self.core.stats()
+        return StoreStats(**{k: s[k] for k in StoreStats.__dataclass_fields__})
+
+    def raw_stats(self) -> dict[str, int]:
+        """Every counter of the core, including objects, metadata and arena bytes."""
+        return {k: int(v) for k, v in self.core.stats().items()}
+
+    def memfd(self) -> int:
+        return int(self.core.memfd())
+
+    def close(self) -> None:
+        self.core.close()
+
+
+class CoreFuseServer(FuseServer):
+    """:class:`FuseServer`'s mount and unmount, with the C request loop serving the file."""
+
+    def __init__(
+        self, store: CoreStore, mountpoint: str, size: int, *, threads: int = 1,
+        file_name: str = "swap.img",
+    ) -> None:  # fmt: skip
+        super().__init__(store, mountpoint, size, file_name=file_name, threads=threads)
+        self.core_store = store
+        self._loop: _core.Fuse | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._fd < 0:
+                raise MountError(f"{self.mountpoint}: not mounted")
+            if self._loop is not None:
+                return
+            try:
+                loop = _core.Fuse(
+                    self.core_store.core, self._fd, self.file_name, threads=self.threads
+                )
+                loop.start()
+            except (OSError, ValueError) as e:
+                raise MountError(f"FUSE workers: {e}") from None
+            self._loop = loop
+
+    def _workers_alive(self, timeout: float) -> bool:
+        if self._loop is None:
+            return False
+        return int(self._loop.join(int(timeout * 1000))) > 0
+
+    def _release_workers(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    @property
+    def io_flusher_failed(self) -> bool:
+        return self._loop is not None and bool(self._loop.stats()["io_flusher_failed"])
+
+    def stats(self) -> dict[str, object]:
+        """As :meth:`FuseServer.stats`, from the C workers' counters."""
+        if self._loop is None:
+            return super().stats()
+        st = self._loop.stats()
+        if list(st["latency_bounds_ns"]) != list(LATENCY_BOUNDS_NS):
+            raise RuntimeError("latency bounds of the C loop and zcached.fuse differ")
+        used = [op for op, n in enumerate(st["requests"]) if n]
+
+        def name(op: int) -> str:
+            return OPCODE_NAMES.get(op, f"OP{op}")
+
+        return {
+            "requests": {name(op): st["requests"][op] for op in used},
+            "errors": {name(op): st["errors"][op] for op in used if st["errors"][op]},
+            "bytes_read": st["bytes_read"],
+            "bytes_written": st["bytes_written"],
+            "bytes_discarded": st["bytes_discarded"],
+            "internal_errors": st["internal_errors"],
+            "latency_bounds_ns": list(LATENCY_BOUNDS_NS),
+            "latency_buckets": {name(op): list(st["lat"][op]) for op in used},
+            "latency_sum_ns": {name(op): st["lat_sum_ns"][op] for op in used},
+        }
