@@ -16,7 +16,7 @@
 
 #include "store.h"
 
-#define DEV_PAGES 64u
+#define DEV_PAGES 320u /* more than one 1 MiB request, unaligned */
 #define DEV_BYTES (DEV_PAGES * ZC_PAGE_SIZE)
 
 struct cursor {
@@ -61,7 +61,7 @@ static void fail(const char *what, uint64_t off, uint64_t len, int rc)
 
 static void run_ops(const uint8_t *data, size_t size)
 {
-	static uint8_t shadow[DEV_BYTES], buf[ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE];
+	static uint8_t shadow[DEV_BYTES], buf[ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE + ZC_PAGE_SIZE];
 	struct cursor cur = {data, size};
 	unsigned mode = (unsigned)take(&cur, 1);
 	struct zc_store_config cfg = {
@@ -86,7 +86,8 @@ static void run_ops(const uint8_t *data, size_t size)
 		unsigned op = (unsigned)take(&cur, 1);
 		struct zc_ctx *c = ctx[op >> 7];
 		uint64_t off = take(&cur, 3) % DEV_BYTES;
-		uint64_t len = take(&cur, 2) % (16 * ZC_PAGE_SIZE) + 1;
+		uint64_t len = op & 16 ? take(&cur, 3) % (ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE) + 1
+				    : take(&cur, 2) % (16 * ZC_PAGE_SIZE) + 1;
 		int rc = 0;
 
 		if (op & 8) { /* page-aligned, as the loop device sends */
@@ -124,7 +125,7 @@ static void run_ops(const uint8_t *data, size_t size)
 		default: {
 			uint64_t bad;
 
-			zc_store_scrub(c, &bad);
+			zc_store_scrub(c, &bad, NULL, 0);
 			if (bad)
 				fail("scrub", 0, 0, (int)bad);
 		}
@@ -151,6 +152,10 @@ static void run_ops(const uint8_t *data, size_t size)
 		    memcmp(buf, shadow + off, 64 * ZC_PAGE_SIZE))
 			fail("final read", off, 64 * ZC_PAGE_SIZE, 0);
 	}
+	/* The largest request, unaligned: 1 MiB across 257 pages. */
+	if (zc_store_read(ctx[1], 100, ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE, buf) ||
+	    memcmp(buf, shadow + 100, ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE))
+		fail("unaligned 1 MiB read", 100, ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE, 0);
 	zc_store_discard(ctx[0], 0, DEV_BYTES);
 	zc_store_stats(s, &st);
 	if (st.mem_used_total || st.pages_stored || st.objects)

@@ -80,6 +80,22 @@ static int store_ready(StoreObject *so)
 	return 1;
 }
 
+static PyObject *u64_list(const uint64_t *v, unsigned n)
+{
+	PyObject *l = PyList_New(n);
+
+	for (unsigned i = 0; l && i < n; i++) {
+		PyObject *o = PyLong_FromUnsignedLongLong(v[i]);
+
+		if (!o) {
+			Py_DECREF(l);
+			return NULL;
+		}
+		PyList_SET_ITEM(l, i, o);
+	}
+	return l;
+}
+
 /* ---- Store --------------------------------------------------------------------------------- */
 
 static int Store_init(StoreObject *so, PyObject *args, PyObject *kw)
@@ -340,25 +356,38 @@ static PyObject *Store_fragmentation(StoreObject *so, PyObject *Py_UNUSED(ignore
 	return list;
 }
 
+#define SCRUB_MAX_REPORT 4096
+
 static PyObject *Store_scrub(StoreObject *so, PyObject *Py_UNUSED(ignored))
 {
 	uint64_t checked = 0, bad = 0;
+	uint64_t *pages;
 	int ok = 0;
 
 	if (!store_ready(so))
 		return NULL;
+	pages = PyMem_Malloc(SCRUB_MAX_REPORT * sizeof(*pages));
+	if (!pages)
+		return PyErr_NoMemory();
 	Py_BEGIN_ALLOW_THREADS
 	struct zc_ctx *c = ctx_get(so);
 
 	if (c) {
-		checked = zc_store_scrub(c, &bad);
+		checked = zc_store_scrub(c, &bad, pages, SCRUB_MAX_REPORT);
 		ctx_put(so, c);
 		ok = 1;
 	}
 	Py_END_ALLOW_THREADS
+	PyObject *list = ok ? u64_list(pages, (unsigned)(bad < SCRUB_MAX_REPORT ? bad : SCRUB_MAX_REPORT)) : NULL;
+
+	PyMem_Free(pages);
 	if (!ok)
 		return PyErr_NoMemory();
-	return Py_BuildValue("(KK)", (unsigned long long)checked, (unsigned long long)bad);
+	if (!list)
+		return NULL;
+	PyObject *r = Py_BuildValue("(KKN)", (unsigned long long)checked, (unsigned long long)bad, list);
+
+	return r;
 }
 
 static PyObject *Store_corrupt(StoreObject *so, PyObject *args)
@@ -402,7 +431,8 @@ static PyMethodDef Store_methods[] = {
 	{"reclaimable_bytes", (PyCFunction)Store_reclaimable_bytes, METH_NOARGS, ""},
 	{"fragmentation", (PyCFunction)Store_fragmentation, METH_NOARGS,
 	 "[(class size, pool bytes, requested bytes, objects)]"},
-	{"scrub", (PyCFunction)Store_scrub, METH_NOARGS, "scrub() -> (checked, bad)"},
+	{"scrub", (PyCFunction)Store_scrub, METH_NOARGS,
+	 "scrub() -> (checked, bad, [first bad pages])"},
 	{"corrupt", (PyCFunction)Store_corrupt, METH_VARARGS, "test hook: corrupt(page)"},
 	{"check", (PyCFunction)Store_check, METH_NOARGS, "allocator invariants: 0 = ok"},
 	{"memfd", (PyCFunction)Store_memfd, METH_NOARGS, "the arena's memfd"},
@@ -517,22 +547,6 @@ static void Fuse_dealloc(FuseObject *fo)
 {
 	fuse_release(fo);
 	Py_TYPE(fo)->tp_free((PyObject *)fo);
-}
-
-static PyObject *u64_list(const uint64_t *v, unsigned n)
-{
-	PyObject *l = PyList_New(n);
-
-	for (unsigned i = 0; l && i < n; i++) {
-		PyObject *o = PyLong_FromUnsignedLongLong(v[i]);
-
-		if (!o) {
-			Py_DECREF(l);
-			return NULL;
-		}
-		PyList_SET_ITEM(l, i, o);
-	}
-	return l;
 }
 
 static int set_item(PyObject *d, const char *key, PyObject *v)

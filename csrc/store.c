@@ -102,17 +102,20 @@ struct zc_store {
 	struct zc_ctx_stats retired; /* counters of freed contexts (ctx_lock) */
 };
 
+/* An unaligned request of ZC_MAX_REQ_PAGES * 4096 bytes spans one page more. */
+#define ZC_MAX_SPAN (ZC_MAX_REQ_PAGES + 1u)
+
 struct zc_ctx {
 	struct zc_store *s;
 	int heap, slot;
 	struct zc_codec codec;
 	struct zc_ctx_stats *st;
-	uint8_t *scratch;   /* copies of objects read under the locks: MAX_REQ pages */
-	uint32_t obj_off[ZC_MAX_REQ_PAGES], obj_len[ZC_MAX_REQ_PAGES];
-	uint64_t snap[ZC_MAX_REQ_PAGES];
-	uint32_t snap_fill[ZC_MAX_REQ_PAGES];
-	uint64_t newe[ZC_MAX_REQ_PAGES];
-	uint32_t newf[ZC_MAX_REQ_PAGES];
+	uint8_t *scratch;   /* copies of objects read under the locks: ZC_MAX_SPAN pages */
+	uint32_t obj_off[ZC_MAX_SPAN], obj_len[ZC_MAX_SPAN];
+	uint64_t snap[ZC_MAX_SPAN];
+	uint32_t snap_fill[ZC_MAX_SPAN];
+	uint64_t newe[ZC_MAX_SPAN];
+	uint32_t newf[ZC_MAX_SPAN];
 	uint64_t olde[ZC_CLEAR_RUN];
 	uint8_t enc[ZC_CODEC_OUT_MAX];
 	uint8_t page[ZC_PAGE_SIZE];
@@ -510,7 +513,7 @@ int zc_store_discard(struct zc_ctx *c, uint64_t off, uint64_t len)
 
 /* ---- scrub and test hooks ------------------------------------------------------------------ */
 
-uint64_t zc_store_scrub(struct zc_ctx *c, uint64_t *bad)
+uint64_t zc_store_scrub(struct zc_ctx *c, uint64_t *bad, uint64_t *pages, uint64_t max_pages)
 {
 	struct zc_store *s = c->s;
 	uint64_t checked = 0;
@@ -532,6 +535,8 @@ uint64_t zc_store_scrub(struct zc_ctx *c, uint64_t *bad)
 			rc = materialise(c, 0, c->page);
 		checked++;
 		if (rc) {
+			if (*bad < max_pages)
+				pages[*bad] = p;
 			(*bad)++;
 			integrity_error(c);
 		}
@@ -636,7 +641,7 @@ struct zc_ctx *zc_ctx_new(struct zc_store *s, int heap)
 		return NULL;
 	c->s = s;
 	c->heap = heap < 1 ? 1 : 1 + (heap - 1) % s->cfg.heaps;
-	c->scratch = malloc((size_t)ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE);
+	c->scratch = malloc((size_t)ZC_MAX_SPAN * ZC_PAGE_SIZE);
 	if (!c->scratch ||
 	    zc_codec_init(&c->codec, s->cfg.compressor, s->cfg.level, s->cfg.huge_threshold)) {
 		free(c->scratch);

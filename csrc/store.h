@@ -72,8 +72,8 @@ unsigned zc_store_fragmentation(struct zc_store *s, struct xcf_class_usage *out,
 uint64_t zc_store_reclaimable_bytes(struct zc_store *s);
 
 /* Verify every stored page's checksum; returns pages checked, *bad gets the failures (each
- * also counted in checksum_errors). */
-uint64_t zc_store_scrub(struct zc_ctx *c, uint64_t *bad);
+ * also counted in checksum_errors) and the first max_pages of them go to pages[]. */
+uint64_t zc_store_scrub(struct zc_ctx *c, uint64_t *bad, uint64_t *pages, uint64_t max_pages);
 
 /* Check the allocator's invariants (tests); 0 or a negative code naming the broken one. */
 int zc_store_check(struct zc_store *s);

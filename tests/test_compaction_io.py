@@ -1,7 +1,8 @@
 """Compaction under real block I/O: fio verify through FUSE + a loop device while objects move.
 
-A PageStore over an XcfMalloc with two Hoard worker heaps is served by zcached.fuse.FuseServer
-(two workers, worker k bound to heap k, as the daemon does) in this process; a loop device with
+Run twice: on the C core (zcached.core.CoreStore served by its C request loop, the daemon's data
+path) and on the reference model (a PageStore over an XcfMalloc with two Hoard worker heaps
+served by zcached.fuse.FuseServer, two workers, worker k bound to heap k), in this process; a loop device with
 direct I/O sits on the image.  While an aggressive Compactor (no thresholds, no pacing) compacts
 back to back, fio writes, re-writes and verifies (crc32c) the first half of the device with
 compressible data in three compressibility bands (so objects land in many size classes), and a
@@ -24,9 +25,12 @@ from collections.abc import Iterator
 import pytest
 
 from zcached.compactor import CompactionPolicy, Compactor
+from zcached.core import CoreFuseServer, CoreStore
 from zcached.fuse import FuseServer
 from zcached.store import PageStore
 from zcached.xcfmalloc import XcfMalloc
+
+Store = PageStore | CoreStore
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -42,9 +46,13 @@ def _mounted(path: str) -> bool:
         return any(line.split()[4] == path for line in f)
 
 
-@pytest.fixture
-def store() -> Iterator[PageStore]:
-    st = PageStore(SIZE, compressor="lz4", allocator=XcfMalloc(heaps=HEAPS))
+@pytest.fixture(params=["core", "model"])
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    st: Store
+    if request.param == "core":
+        st = CoreStore(SIZE, compressor="lz4", heaps=HEAPS)
+    else:
+        st = PageStore(SIZE, compressor="lz4", allocator=XcfMalloc(heaps=HEAPS))
     try:
         yield st
     finally:
@@ -52,14 +60,18 @@ def store() -> Iterator[PageStore]:
 
 
 @pytest.fixture
-def loopdev(store: PageStore, tmp_path: os.PathLike[str]) -> Iterator[str]:
+def loopdev(store: Store, tmp_path: os.PathLike[str]) -> Iterator[str]:
     mnt = os.path.join(str(tmp_path), "mnt")
     os.mkdir(mnt)
-    heap_ids = iter(range(1, HEAPS + 1))
-    srv = FuseServer(
-        store, mnt, SIZE, threads=HEAPS,
-        thread_init=lambda: store.allocator.bind_heap(next(heap_ids)),
-    )  # fmt: skip
+    srv: FuseServer
+    if isinstance(store, CoreStore):
+        srv = CoreFuseServer(store, mnt, SIZE, threads=HEAPS)
+    else:
+        heap_ids = iter(range(1, HEAPS + 1))
+        pool = store.allocator
+        srv = FuseServer(
+            store, mnt, SIZE, threads=HEAPS, thread_init=lambda: pool.bind_heap(next(heap_ids))
+        )
     dev = ""
     try:
         srv.mount()
@@ -78,7 +90,7 @@ def loopdev(store: PageStore, tmp_path: os.PathLike[str]) -> Iterator[str]:
 
 
 @pytest.fixture
-def compactor(store: PageStore) -> Iterator[Compactor]:
+def compactor(store: Store) -> Iterator[Compactor]:
     """Compacts continuously: always due, checked every 5 ms, no CPU budget."""
     policy = CompactionPolicy(interval=0.005, min_ratio=1.0, min_wasted_bytes=0, cpu_budget=1.0)
     comp = Compactor(store.allocator, policy)
@@ -165,7 +177,7 @@ def _fio_verify(dev: str, cwd: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_fio_verify_while_compacting_with_discards(
-    store: PageStore, loopdev: str, compactor: Compactor, tmp_path: os.PathLike[str]
+    store: Store, loopdev: str, compactor: Compactor, tmp_path: os.PathLike[str]
 ) -> None:
     churn = Churn(loopdev)
     churn.start()
