@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from zcached import status
 from zcached.compactor import Compactor
+from zcached.core import CoreFuseServer, CoreStore
 from zcached.fuse import FuseServer
 from zcached.metrics import Exporter, ZcachedCollector, start_exporter
 from zcached.store import PageStore
@@ -41,9 +42,17 @@ def values(metrics_text: str) -> dict[str, float]:
     return out
 
 
-@pytest.fixture
-def written() -> tuple[PageStore, int, int, int]:
-    st = PageStore(64 * PAGE)
+Store = PageStore | CoreStore
+
+
+def new_store(kind: str, size: int) -> Store:
+    """The daemon's C store, or the reference model."""
+    return CoreStore(size, heaps=2) if kind == "core" else PageStore(size)
+
+
+@pytest.fixture(params=["core", "model"])
+def written(request: pytest.FixtureRequest) -> tuple[Store, int, int, int]:
+    st = new_store(request.param, 64 * PAGE)
     n = 10
     compr = 0
     for i in range(n):
@@ -56,7 +65,7 @@ def written() -> tuple[PageStore, int, int, int]:
     return st, n, same, compr
 
 
-def collect(st: PageStore) -> dict[str, float]:
+def collect(st: Store) -> dict[str, float]:
     out: dict[str, float] = {}
     for fam in ZcachedCollector(st).collect():
         for s in fam.samples:
@@ -65,7 +74,7 @@ def collect(st: PageStore) -> dict[str, float]:
     return out
 
 
-def test_collector_tells_the_truth(written: tuple[PageStore, int, int, int]) -> None:
+def test_collector_tells_the_truth(written: tuple[Store, int, int, int]) -> None:
     st, n, same, compr = written
     v = collect(st)
     assert v["zcached_writes_total"] == n + same
@@ -101,7 +110,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def exporter(written: tuple[PageStore, int, int, int]) -> Iterator[Exporter]:
+def exporter(written: tuple[Store, int, int, int]) -> Iterator[Exporter]:
     st = written[0]
     ex = start_exporter(
         "127.0.0.1:0",
@@ -126,7 +135,7 @@ def get(ex: Exporter, path: str) -> bytes:
         return bytes(r.read())
 
 
-def test_exporter_http(exporter: Exporter, written: tuple[PageStore, int, int, int]) -> None:
+def test_exporter_http(exporter: Exporter, written: tuple[Store, int, int, int]) -> None:
     _, n, same, compr = written
     v = values(get(exporter, "/metrics").decode())
     assert v["zcached_writes_total"] == n + same
@@ -143,7 +152,7 @@ def test_busy_port_is_oserror(exporter: Exporter) -> None:
 
 
 def test_status_cli(
-    exporter: Exporter, written: tuple[PageStore, int, int, int], capsys: pytest.CaptureFixture[str]
+    exporter: Exporter, written: tuple[Store, int, int, int], capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, n, same, compr = written
     host, port = exporter.address
@@ -169,14 +178,19 @@ def test_status_without_daemon() -> None:
     assert len(r.stderr.strip().splitlines()) == 1 and "no zcached daemon" in r.stderr
 
 
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[Exporter]:
-    """A real FUSE mount over a real PageStore, with a real (unstarted) Compactor, exported."""
+@pytest.fixture(params=["core", "model"])
+def live(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Exporter]:
+    """A real FUSE mount over a real store (the C data path, or the Python model with its
+    Python front), with a real (unstarted) Compactor, exported."""
     size = 64 * PAGE
-    st = PageStore(size)
+    st = new_store(request.param, size)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    srv = FuseServer(st, str(mnt), size, threads=2)
+    srv = (
+        CoreFuseServer(st, str(mnt), size, threads=2)
+        if isinstance(st, CoreStore)
+        else FuseServer(st, str(mnt), size, threads=2)
+    )
     ex = None
     try:
         srv.mount()

@@ -20,6 +20,7 @@ from pathlib import Path
 import lz4.block
 import pytest
 
+from zcached.core import CoreStore
 from zcached.metrics import Exporter, start_exporter
 from zcached.store import PageStore
 
@@ -37,9 +38,11 @@ def page(i: int) -> bytes:
     return (f"prom {i} ".encode() * 20 + bytes(range(64)) * 8 + b"\0" * PAGE)[:PAGE]
 
 
-@pytest.fixture
-def exporter() -> Iterator[tuple[Exporter, float]]:
-    st = PageStore(256 * PAGE)
+@pytest.fixture(params=["core", "model"])
+def exporter(request: pytest.FixtureRequest) -> Iterator[tuple[Exporter, float]]:
+    st: PageStore | CoreStore = (
+        CoreStore(256 * PAGE) if request.param == "core" else PageStore(256 * PAGE)
+    )
     compr = 0
     for i in range(100):
         st.write(i * PAGE, page(i))
