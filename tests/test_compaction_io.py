@@ -3,12 +3,12 @@
 Run twice: on the C core (zcached.core.CoreStore served by its C request loop, the daemon's data
 path) and on the reference model (a PageStore over an XcfMalloc with two Hoard worker heaps
 served by zcached.fuse.FuseServer, two workers, worker k bound to heap k), in this process; a
-loop device with direct I/O sits on the image.  While an aggressive Compactor (no thresholds, no
-pacing) compacts back to back, fio writes, re-writes and verifies (crc32c) the first half of the device with
-compressible data in three compressibility bands (so objects land in many size classes), and a
-churn thread writes, reads back and BLKDISCARDs 4K..64K pieces of the second half (fio does not
-verify that half) to keep vpages sparse.  The fixtures unmount, detach the loop device and stop
-the threads in ``finally`` blocks, also when a test fails.
+loop device with direct I/O sits on the image. While an aggressive Compactor (no thresholds, no
+pacing) compacts back to back, fio writes, re-writes and verifies (crc32c) the first half of the
+device with compressible data in three compressibility bands (so objects land in many size
+classes), and a churn thread writes, reads back and BLKDISCARDs 4K..64K pieces of the second
+half (fio does not verify that half) to keep vpages sparse. The fixtures unmount, detach the
+loop device and stop the threads in ``finally`` blocks, also when a test fails.
 """
 
 from __future__ import annotations
