@@ -15,7 +15,9 @@ swapon can fail, and they unwind. Before the unmount, a swap someone else put on
 over the file is swapped off too (``_release_other_users``), and a failed swapoff is retried
 until it succeeds while the daemon keeps serving (swap.py): no unwinding step may drop pages that
 are still out on the device. External commands run in their own session, so a second Ctrl-C
-(SIGINT to the whole process group) cannot interrupt a swapoff half-way.
+(SIGINT to the whole process group) cannot interrupt a swapoff half-way. Signals run no handler:
+they are blocked in every thread and taken in the main thread (``Signals``), so the teardown
+cannot be interrupted and a second SIGTERM only gets logged.
 Process-safety failures only warn (documented): a daemon without mlock still works, just less
 safely under memory pressure; not being root is refused earlier (mount needs it anyway).
 """
@@ -262,7 +264,9 @@ def _start_exporter(
 def _activate_swap(cfg: Config, stack: contextlib.ExitStack, image: str) -> str:
     """losetup (direct I/O) + mkswap + swapon on ``stack``; returns the loop device."""
     dev = stack.enter_context(swapmod.loop(image))
-    stack.enter_context(swapmod.swap_on(dev, cfg.swap_priority, log.warning))
+    stack.enter_context(
+        swapmod.swap_on(dev, cfg.swap_priority, log.warning, progress=_swapoff_progress(dev))
+    )
     return dev
 
 
@@ -287,7 +291,7 @@ def _loop_of(info: dict[str, object]) -> str | None:
     return dev if isinstance(dev, str) else None
 
 
-def _serve(cfg: Config, stack: contextlib.ExitStack, stop: threading.Event) -> None:
+def _serve(cfg: Config, stack: contextlib.ExitStack, stop: Signals) -> None:
     """Enter every part on ``stack`` in order; return once ready (or when ``stop`` is set).
 
     Order: store, compactor, exporter (binding the port cannot fail after the mount), FUSE
@@ -307,7 +311,7 @@ def _serve(cfg: Config, stack: contextlib.ExitStack, stop: threading.Event) -> N
     compactor = Compactor(pool, compaction_policy(cfg), thread_init=_flusher_init)
     compactor.start()
     stack.callback(compactor.stop)
-    signal.signal(signal.SIGUSR1, lambda _s, _f: compactor.trigger())
+    stop.on_compact(compactor.trigger)
     _start_exporter(cfg, stack, store, server, compactor, info)
     server.mount()
     stack.callback(server.stop)
@@ -330,35 +334,104 @@ def _serve(cfg: Config, stack: contextlib.ExitStack, stop: threading.Event) -> N
     )  # fmt: skip
 
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+HANDLED_SIGNALS = STOP_SIGNALS | {signal.SIGUSR1}  # SIGUSR1: compaction request
+
+
+class Signals:
+    """SIGTERM / SIGINT (stop) and SIGUSR1 (compact now), taken synchronously: no handler runs.
+
+    :meth:`block` blocks them in the main thread before any thread starts, so every thread
+    inherits the mask and none can receive them; they stay pending until :meth:`take`, the one
+    place they are received (sigtimedwait, in the main thread: its wait loop and the start-up
+    checkpoints). Nothing can interrupt the teardown: signals that come during it stay pending
+    (a burst coalesces into one per number) and :meth:`drain` logs them. The first stop
+    signal stops the daemon; later ones are logged and change nothing. SIGUSR1 only calls the
+    compactor's ``trigger`` (sets a flag); before the compactor exists it is ignored."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None  # the stop signal, once one came
+        self._compact: Callable[[], None] | None = None
+
+    def block(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
+    def drain(self) -> None:
+        """Take (log) what is pending, compaction requests included: no compactor any more."""
+        self._compact = None
+        self.take(0)
+
+    def on_compact(self, trigger: Callable[[], None]) -> None:
+        self._compact = trigger
+
+    def is_set(self) -> bool:
+        """A stop signal came (takes the pending ones first, without waiting)."""
+        self.take(0)
+        return self.received is not None
+
+    def wait(self) -> None:
+        """Until a stop signal comes (SIGUSR1s are handled on the way)."""
+        while self.received is None:
+            self.take(None)
+
+    def take(self, timeout: float | None) -> None:
+        """Handle every pending signal, waiting up to ``timeout`` s (None: for ever) for one."""
+        if timeout is None:
+            info: signal.struct_siginfo | None = signal.sigwaitinfo(HANDLED_SIGNALS)
+        else:
+            info = signal.sigtimedwait(HANDLED_SIGNALS, timeout)
+        while info is not None:
+            self._handle(info.si_signo, info.si_pid)
+            info = signal.sigtimedwait(HANDLED_SIGNALS, 0)
+
+    def _handle(self, signo: int, pid: int) -> None:
+        name = signal.Signals(signo).name
+        if signo == signal.SIGUSR1:
+            if self._compact is None:
+                log.debug("SIGUSR1 from pid %d: no compactor (yet/any more), ignored", pid)
+            else:
+                log.debug("SIGUSR1 from pid %d: compaction requested", pid)
+                self._compact()
+        elif self.received is None:
+            self.received = signo
+            log.info("%s from pid %d", name, pid)
+        else:
+            log.info("%s from pid %d: already stopping, ignored", name, pid)
+
+
+def _swapoff_progress(dev: str) -> swapmod.Progress:
+    def report(kib: int) -> None:
+        log.info("swapoff %s: %d KiB (%d pages) still out on it", dev, kib, kib // 4)
+
+    return report
+
+
 def run(cfg: Config) -> int:
-    """Run until SIGTERM/SIGINT. Raises DaemonError/MountError/SwapError on start-up failure."""
-    preflight(cfg)
-    stop = threading.Event()
+    """Run until SIGTERM/SIGINT. Raises DaemonError/MountError/SwapError on start-up failure.
 
-    def on_signal(signum: int, _frame: object) -> None:
-        stop.set()
-
-    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-    old = {s: signal.getsignal(s) for s in handled}
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the compactor exists
+    A stop signal during start-up ends it at the next step (see ``Signals``): it unwinds and
+    returns 0 like a stop after ready. The handled signals stay blocked when it returns: the
+    process exits next, and a late Ctrl-C must not turn a clean stop into KeyboardInterrupt or
+    a SIGTERM into exit 143."""
+    signals = Signals()
+    signals.block()  # before any thread starts: every thread inherits the mask
     try:
+        preflight(cfg)
         with contextlib.ExitStack() as stack:
             stack.enter_context(instance_lock(cfg.mountpoint))
             check_listen(*cfg.metrics_addr)  # after the lock: a 2nd instance is named as such
             lock_memory()
             protect_from_oom()
             set_io_flusher()
-            _serve(cfg, stack, stop)
-            if not stop.is_set():  # else a signal came during start-up: unwind at once
+            if not signals.is_set():
+                _serve(cfg, stack, signals)
+            if not signals.is_set():  # else a signal came during start-up: unwind at once
                 sd_notify("READY=1")
-                while not stop.wait(1.0):
-                    pass
+                signals.wait()
             log.info("stopping: swapoff, detach, unmount")
             sd_notify("STOPPING=1")
+        signals.drain()  # logs the signals that came during the teardown
         log.info("stopped")
         return 0
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        signals.drain()
