@@ -275,10 +275,12 @@ static int page_take(struct xcf_pool *p, uint32_t *pfn)
 		rc = -ENOSPC;
 	else if (sh->nfree_pfn)
 		*pfn = p->freepfn[--sh->nfree_pfn];
-	else if (sh->fresh_pfn < sh->pool_pages)
-		*pfn = (uint32_t)sh->fresh_pfn++;
-	else
+	else if (sh->fresh_pfn < sh->pool_pages) {
+		*pfn = (uint32_t)sh->fresh_pfn;
+		STORE(sh->fresh_pfn, sh->fresh_pfn + 1); /* read unlocked by metadata_bytes */
+	} else {
 		rc = -ENOSPC;
+	}
 	if (!rc) {
 		uint64_t used = sh->used_pages + 1;
 
@@ -312,7 +314,8 @@ static uint32_t vpage_id_take(struct xcf_pool *p)
 		id = sh->free_vp;
 		sh->free_vp = p->vps[id].next;
 	} else if (sh->fresh_vp < sh->max_vpages) {
-		id = sh->fresh_vp++;
+		id = sh->fresh_vp;
+		STORE(sh->fresh_vp, id + 1); /* read unlocked by metadata_bytes */
 	}
 	pthread_mutex_unlock(&p->page_lock);
 	return id;
@@ -811,19 +814,29 @@ void xcf_free(struct xcf_pool *p, int heap, uint32_t handle)
 
 /* ---- compaction ---------------------------------------------------------------------------- */
 
-/* Move one object from (src, s) to (dst, d); all under lock[c][h].  Frees into freed[]. */
+/* Pages the (class, heap) holds beyond its objects packed into full vpages plus one partial
+ * vpage packed from its start (the model's reclaimable_pages). */
+static uint64_t hc_reclaimable(struct xcf_pool *p, unsigned c, const struct xcf_hc *hc)
+{
+	uint64_t opv = p->opv[c], rem = hc->inuse % opv;
+	uint64_t need = hc->inuse / opv * p->ppv[c] + (rem * p->size[c] + XCF_PAGE - 1) / XCF_PAGE;
+
+	return hc->pages > need ? hc->pages - need : 0;
+}
+
+/* Move the object in slot s of src to slot d of dst (src may be dst: a pack); all under
+ * lock[c][h].  The copy is compared with its source before the handle moves.  Pages it empties
+ * go to freed[]. */
 static int move_object(struct xcf_pool *p, unsigned c, int h, uint32_t src, unsigned s,
-		       uint32_t dst, uint32_t *freed, unsigned *nfreed)
+		       uint32_t dst, unsigned d, uint32_t *freed, unsigned *nfreed)
 {
 	struct xcf_vpage *vs = &p->vps[src], *vd = &p->vps[dst];
-	struct xcf_hc *hc = hc_of(p, c, h);
-	unsigned d = first_free(vd, p->opv[c]);
 	uint8_t buf[XCF_PAGE], check[XCF_PAGE];
 	uint32_t handle = slot_handle(p, vs, c, s);
 	uint64_t e = p->handles[handle];
-	uint32_t n = entry_len(e) + XCF_HDR;
+	uint32_t len = entry_len(e), n = len + XCF_HDR;
 
-	if (entry_vp(e) != src || entry_slot(e) != s)
+	if (handle == 0 || entry_vp(e) != src || entry_slot(e) != s)
 		return -EIO; /* I4 broken: never move what we cannot name */
 	if (hold_pages(p, c, h, vd, d))
 		return -ENOSPC;
@@ -836,41 +849,75 @@ static int move_object(struct xcf_pool *p, unsigned c, int h, uint32_t src, unsi
 	}
 	bit_set(vd, d);
 	vd->inuse++;
-	vd->bytes += entry_len(e);
-	STORE(p->handles[handle], entry_make(dst, d, entry_len(e)));
+	vd->bytes += len;
+	STORE(p->handles[handle], entry_make(dst, d, len));
 	bit_clear(vs, s);
 	vs->inuse--;
-	vs->bytes -= entry_len(e);
+	vs->bytes -= len;
 	*nfreed += unhold_pages(p, c, h, vs, s, freed + *nfreed);
-	if (!vs->inuse)
-		vpage_release(p, c, h, src);
-	else
-		vp_regroup(p, hc, src);
-	vp_regroup(p, hc, dst);
 	return 0;
 }
 
-/* One batch in (c, h): returns moves made; *done when nothing more is worth moving. */
+static unsigned last_live(const struct xcf_vpage *v)
+{
+	for (int w = 3; w >= 0; w--)
+		if (v->live[w])
+			return (unsigned)w * 64 + 63u - (unsigned)__builtin_clzll(v->live[w]);
+	return 0;
+}
+
+/* One vpage with free slots is left: move its last objects into its first free slots, so its
+ * tail pages empty.  Returns moves made. */
+static unsigned pack(struct xcf_pool *p, unsigned c, int h, uint32_t id, unsigned budget,
+		     uint32_t *freed, unsigned *nfreed)
+{
+	struct xcf_vpage *v = &p->vps[id];
+	unsigned moved = 0;
+
+	while (moved < budget) {
+		unsigned lo = first_free(v, p->opv[c]), hi = last_live(v);
+
+		if (lo >= hi || move_object(p, c, h, id, hi, id, lo, freed, nfreed))
+			break;
+		moved++;
+	}
+	return moved;
+}
+
+/* One batch in (c, h), as the model's compact_step: from the sparsest vpage into the fullest
+ * other one while the heap holds more pages than a packed layout; a lone partial vpage is
+ * packed.  Returns moves made; *done when nothing more is worth moving. */
 static unsigned compact_batch(struct xcf_pool *p, unsigned c, int h, uint64_t budget, int *done)
 {
 	uint32_t freed[2 * XCF_COMPACT_BATCH + 2];
-	unsigned nfreed = 0, moved = 0;
+	unsigned nfreed = 0, moved = 0, batch = budget < XCF_COMPACT_BATCH ? (unsigned)budget
+									 : XCF_COMPACT_BATCH;
 	struct xcf_hc *hc = hc_of(p, c, h);
 
 	pthread_mutex_lock(lock_of(p, c, h));
 	*done = 1;
-	while (moved < XCF_COMPACT_BATCH && moved < budget) {
-		if (hc->cap - hc->inuse < p->opv[c])
-			break; /* no vpage's worth of free slots: a source could not empty */
+	while (moved < batch && hc_reclaimable(p, c, hc) > 0) {
 		uint32_t src = sparsest(hc), dst = src ? fullest_nonfull(hc, src, p) : 0;
 
-		if (!dst)
+		if (!src)
 			break;
-		if (move_object(p, c, h, src, first_live(&p->vps[src]), dst, freed, &nfreed))
+		if (!dst) {
+			moved += pack(p, c, h, src, batch - moved, freed, &nfreed);
 			break;
+		}
+		struct xcf_vpage *vd = &p->vps[dst];
+
+		if (move_object(p, c, h, src, first_live(&p->vps[src]), dst,
+				first_free(vd, p->opv[c]), freed, &nfreed))
+			break;
+		if (!p->vps[src].inuse)
+			vpage_release(p, c, h, src);
+		else
+			vp_regroup(p, hc, src);
+		vp_regroup(p, hc, dst);
 		moved++;
 	}
-	if (moved == XCF_COMPACT_BATCH && moved < budget)
+	if (moved == batch && moved < budget)
 		*done = 0;
 	pthread_mutex_unlock(lock_of(p, c, h));
 	if (nfreed) {
@@ -902,13 +949,7 @@ uint64_t xcf_reclaimable_bytes(struct xcf_pool *p)
 	for (unsigned c = 0; c < XCF_RAW_CLASS; c++)
 		for (int h = 0; h < p->nheaps; h++) {
 			pthread_mutex_lock(lock_of(p, c, h));
-			struct xcf_hc *hc = hc_of(p, c, h);
-			uint64_t opv = p->opv[c], rem = hc->inuse % opv;
-			uint64_t need = hc->inuse / opv * p->ppv[c] +
-					(rem * p->size[c] + XCF_PAGE - 1) / XCF_PAGE;
-
-			if (hc->pages > need)
-				pages += hc->pages - need;
+			pages += hc_reclaimable(p, c, hc_of(p, c, h));
 			pthread_mutex_unlock(lock_of(p, c, h));
 		}
 	return pages * XCF_PAGE;
@@ -1125,7 +1166,7 @@ struct xcf_pool *xcf_create(struct zc_arena *a, uint64_t off, const struct xcf_g
 void xcf_set_limit(struct xcf_pool *p, uint64_t limit_pages)
 {
 	pthread_mutex_lock(&p->page_lock);
-	p->sh->limit_pages = limit_pages;
+	STORE(p->sh->limit_pages, limit_pages); /* read unlocked by xcf_stats */
 	pthread_mutex_unlock(&p->page_lock);
 }
 
