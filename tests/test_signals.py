@@ -18,6 +18,7 @@ import itertools
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -263,8 +264,20 @@ def test_signal_storm_during_swapoff_with_pages_out(
             else:
                 assert sigbits(st["SigBlk"]) == set(), st["SigBlk"]
                 assert sid == found[0]  # its own session: a Ctrl-C to the group misses it
+        # How long the swapoff itself ran (not the storm, which lasts until the daemon exits):
+        # only a swapoff longer than a progress interval must have reported progress.
+        off_at: list[float] = []
+
+        def watch_swapoff() -> None:
+            while dev in active_swaps() and time.monotonic() - t0 < HANG:
+                time.sleep(0.05)
+            off_at.append(time.monotonic())
+
+        watcher = threading.Thread(target=watch_swapoff)
+        watcher.start()
         storm(d, [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], group=True, gap=0.001)
-        took = time.monotonic() - t0
+        watcher.join()
+        took = off_at[0] - t0
         log = assert_clean_stop(d, reap(d))
         assert dev not in active_swaps()
         assert "already stopping, ignored" in log, log

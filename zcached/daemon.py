@@ -354,7 +354,16 @@ class Signals:
         self._compact: Callable[[], None] | None = None
 
     def block(self) -> None:
+        """Block the handled signals, and set them to SIG_IGN as well.
+
+        Blocked signals are never discarded by Linux, ignored or not (kernel/signal.c,
+        sig_ignored()), so :meth:`take` still receives every one.  The SIG_IGN is for the
+        commands the daemon runs (swap.py): they inherit it, so a signal sent to the daemon's
+        process group in the instant between their fork and their setsid (a storm of Ctrl-Cs
+        during swapoff) is dropped instead of killing a losetup or swapoff half-way."""
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        for signo in HANDLED_SIGNALS:
+            signal.signal(signo, signal.SIG_IGN)
 
     def drain(self) -> None:
         """Take (log) what is pending, compaction requests included: no compactor any more."""

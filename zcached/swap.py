@@ -41,8 +41,10 @@ def _spawn(argv: list[str], out: int, err: int) -> int:
     it without running Python in the forked child (preexec_fn, unsafe with threads). Here the
     child gets an empty mask and SIGPIPE/SIGXFSZ back at their default (as subprocess's
     ``restore_signals``), with no Python code between fork and exec (vfork-like, cheap for a
-    daemon with a large locked heap). Descriptors: Python opens them all close-on-exec, so only
-    0-2 reach the child."""
+    daemon with a large locked heap). The dispositions the daemon sets to SIG_IGN (the signals
+    it takes synchronously, daemon.Signals) stay ignored in the child: one sent to the daemon's
+    process group between the fork and the setsid cannot kill the command half-way.
+    Descriptors: Python opens them all close-on-exec, so only 0-2 reach the child."""
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_DUP2, out, 1),
