@@ -43,6 +43,18 @@ static PyObject *raise_errno(int neg)
 	return PyErr_SetFromErrno(PyExc_OSError);
 }
 
+/* "O&" converter for offsets, lengths and sizes: an int in 0..2^64-1, else OverflowError
+ * ("K" and "I" would silently keep the low bits: write(2**64, ...) wrote at offset 0). */
+static int to_u64(PyObject *o, void *out)
+{
+	unsigned long long v = PyLong_AsUnsignedLongLong(o);
+
+	if (v == (unsigned long long)-1 && PyErr_Occurred())
+		return 0;
+	*(unsigned long long *)out = v;
+	return 1;
+}
+
 /* ---- contexts ------------------------------------------------------------------------------ */
 
 static struct zc_ctx *ctx_get(StoreObject *so)
@@ -102,17 +114,17 @@ static int Store_init(StoreObject *so, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = {"size",   "compressor", "level", "mem_limit", "huge_threshold",
 				 "heaps", NULL};
-	unsigned long long size, mem_limit = 0;
+	unsigned long long size, mem_limit = 0, huge = 3584;
 	const char *comp = "lz4";
 	PyObject *level_obj = Py_None;
-	unsigned int huge = 3584;
 	int heaps = 1;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "K|sOKIi", kwlist, &size, &comp, &level_obj,
-					 &mem_limit, &huge, &heaps))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|sOO&O&i", kwlist, to_u64, &size, &comp,
+					 &level_obj, to_u64, &mem_limit, to_u64, &huge, &heaps))
 		return -1;
 	struct zc_store_config cfg = {.size = size, .mem_limit = mem_limit,
-				      .huge_threshold = huge, .heaps = heaps};
+				      .huge_threshold = huge > ZC_PAGE_SIZE ? 0 : (uint32_t)huge,
+				      .heaps = heaps};
 
 	if (!strcmp(comp, "lz4")) {
 		cfg.compressor = ZC_LZ4;
@@ -125,9 +137,12 @@ static int Store_init(StoreObject *so, PyObject *args, PyObject *kw)
 		return -1;
 	}
 	if (level_obj != Py_None) {
-		cfg.level = (int)PyLong_AsLong(level_obj);
-		if (PyErr_Occurred())
+		long level = PyLong_AsLong(level_obj);
+
+		if (level == -1 && PyErr_Occurred())
 			return -1;
+		/* Out of int range: an invalid level (not its low 32 bits, which may be valid). */
+		cfg.level = level < -65537 * 4L || level > 65537 * 4L ? INT_MIN : (int)level;
 	}
 	if (so->s) {
 		PyErr_SetString(PyExc_RuntimeError, "Store already initialised");
@@ -185,16 +200,15 @@ static PyObject *Store_close(StoreObject *so, PyObject *Py_UNUSED(ignored))
 
 static PyObject *Store_read(StoreObject *so, PyObject *args)
 {
-	unsigned long long off;
-	unsigned int len;
+	unsigned long long off, len;
 
-	if (!PyArg_ParseTuple(args, "KI", &off, &len) || !store_ready(so))
+	if (!PyArg_ParseTuple(args, "O&O&", to_u64, &off, to_u64, &len) || !store_ready(so))
 		return NULL;
 	if (len > ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE) {
 		PyErr_SetString(PyExc_ValueError, "read larger than 1 MiB");
 		return NULL;
 	}
-	PyObject *out = PyBytes_FromStringAndSize(NULL, len);
+	PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
 
 	if (!out)
 		return NULL;
@@ -205,7 +219,7 @@ static PyObject *Store_read(StoreObject *so, PyObject *args)
 	struct zc_ctx *c = ctx_get(so);
 
 	if (c) {
-		rc = zc_store_read(c, off, len, dst);
+		rc = zc_store_read(c, off, (uint32_t)len, dst);
 		ctx_put(so, c);
 	}
 	Py_END_ALLOW_THREADS
@@ -221,7 +235,7 @@ static PyObject *Store_write(StoreObject *so, PyObject *args)
 	unsigned long long off;
 	Py_buffer data;
 
-	if (!PyArg_ParseTuple(args, "Ky*", &off, &data))
+	if (!PyArg_ParseTuple(args, "O&y*", to_u64, &off, &data))
 		return NULL;
 	if (!store_ready(so) || data.len > (Py_ssize_t)(ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE)) {
 		if (so->s)
@@ -249,7 +263,7 @@ static PyObject *Store_discard(StoreObject *so, PyObject *args)
 {
 	unsigned long long off, len;
 
-	if (!PyArg_ParseTuple(args, "KK", &off, &len) || !store_ready(so))
+	if (!PyArg_ParseTuple(args, "O&O&", to_u64, &off, to_u64, &len) || !store_ready(so))
 		return NULL;
 	int rc = -ENOMEM;
 
@@ -394,7 +408,7 @@ static PyObject *Store_corrupt(StoreObject *so, PyObject *args)
 {
 	unsigned long long page;
 
-	if (!PyArg_ParseTuple(args, "K", &page) || !store_ready(so))
+	if (!PyArg_ParseTuple(args, "O&", to_u64, &page) || !store_ready(so))
 		return NULL;
 	int rc = zc_store_corrupt(so->s, page);
 

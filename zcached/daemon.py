@@ -36,7 +36,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from zcached import swap as swapmod
 from zcached.compactor import CompactionPolicy, Compactor
