@@ -6,9 +6,9 @@ Must not: assert on speed (it reports), change the daemon's policy, or leave any
 the loop device, the mount and the server process are torn down in ``finally`` blocks, and
 /dev/zram0 is only used inside bench.zram.Zram (which resets it).
 
-The zcached side runs as the daemon does, minus swap and mlockall: a server process holds an
-XcfMalloc with one Hoard heap per FUSE worker (``zcached.daemon.io_threads()`` workers, worker k
-bound to heap k), a PageStore (lz4) over it, zcached.fuse.FuseServer, and a Compactor started at
+The zcached side runs as the daemon does, minus swap and mlockall: a server process holds the
+C store (zcached.core.CoreStore, lz4, one Hoard heap per FUSE worker: ``Config.worker_threads``,
+one per CPU), its C request loop (zcached.core.CoreFuseServer), and a Compactor started at
 once with the daemon's default policy (``zcached.daemon.compaction_policy(Config(size))``: the
 [compaction] defaults of zcached/config.py).  The benchmark talks to the device only through a
 loop device (``--direct-io=on``) and asks the server for counters over a pipe.
@@ -75,19 +75,13 @@ def serve(mnt: str, size: int, threads: int) -> None:
     """Serve MNT/swap.img like the daemon (no swap, no mlock); answer commands on stdin."""
     from zcached.compactor import Compactor
     from zcached.config import Config
+    from zcached.core import CoreFuseServer, CoreStore
     from zcached.daemon import compaction_policy
-    from zcached.fuse import FuseServer
-    from zcached.store import PageStore
-    from zcached.xcfmalloc import XcfMalloc
 
-    pool = XcfMalloc(heaps=threads)
-    store = PageStore(size, compressor="lz4", allocator=pool)
-    heap_ids = iter(range(1, threads + 1))
-    srv = FuseServer(
-        store, mnt, size, threads=threads, thread_init=lambda: pool.bind_heap(next(heap_ids))
-    )
+    store = CoreStore(size, compressor="lz4", heaps=threads)
+    srv = CoreFuseServer(store, mnt, size, threads=threads)
     policy = compaction_policy(Config(size=size))
-    comp = Compactor(pool, policy)
+    comp = Compactor(store.allocator, policy)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     srv.mount()
     try:
@@ -483,11 +477,11 @@ def _load_note() -> Iterator[dict[str, Any]]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    from zcached.daemon import io_threads
+    from zcached.config import Config
 
     data = _heap((32 if quick else 256) * MiB)
     runtime, cycles = (8, 1) if quick else (15, 3)
-    threads = io_threads()
+    threads = Config(size=PAGE).worker_threads
     result: dict[str, Any] = {"corpus_bytes": len(data), "fuse_threads": threads}
     with _load_note() as note, Server(len(data), threads) as server:
         result["memory"] = memory(server, data)

@@ -95,12 +95,12 @@ def memory_rows(doc: dict[str, Any]) -> list[str]:
     rows.append(_row(
         f"memory holding {what}'s swapped pages (pool; zram mem_used_total)",
         _mib(sw.value(f"{z}.mem_used_total")), _mib(sw.value(f"{k}.mem_used_total")),
-        sw.ratio(f"{x1}.ratio_to_zram.mem_used_total"), "<= 1.05x",
+        sw.ratio(f"{x1}.ratio_to_zram.mem_used_total"), "<= 1.0x",
     ))  # fmt: skip
     rows.append(_row(
         "same, daemon RSS growth (all of zcached's memory)",
         _mib(sw.value(f"{z}.daemon_rss_growth_bytes")), _mib(sw.value(f"{k}.mem_used_total")),
-        sw.ratio(f"{x1}.ratio_to_zram.daemon_rss_growth_vs_zram_mem_used_total"), "<= 1.05x",
+        sw.ratio(f"{x1}.ratio_to_zram.daemon_rss_growth_vs_zram_mem_used_total"), "<= 1.0x",
     ))  # fmt: skip
     cp = Source(doc, "compact")
     if cp.ok:
@@ -109,7 +109,7 @@ def memory_rows(doc: dict[str, Any]) -> list[str]:
             "memory after a random half is freed and both compact (pool + metadata)",
             _mib(cp.value(f"{m}.zcached.total_bytes")),
             _mib(cp.value(f"{m}.zram_mem_used_total")),
-            cp.ratio(f"{m}.pool_plus_metadata_vs_zram"), "<= 1.05x",
+            cp.ratio(f"{m}.pool_plus_metadata_vs_zram"), "<= 1.0x",
         ))  # fmt: skip
     return rows
 
@@ -117,21 +117,22 @@ def memory_rows(doc: dict[str, Any]) -> list[str]:
 def io_rows(doc: dict[str, Any]) -> list[str]:
     io = Source(doc, "io")
     rows = []
-    for label, key, fmt in (
-        ("1 MiB sequential write (fio)", "seq_write_1M_MBps", _mbs),
-        ("1 MiB writes of real heap pages, one at a time", "corpus_write_1M_qd1_MBps", _mbs),
-        ("1 MiB sequential read (fio)", "seq_read_1M_MBps", _mbs),
-        ("4K random read, depth 32 (fio)", "randread_4k_qd32_iops", _iops),
-    ):
+    for label, key, fmt, goal in (
+        ("1 MiB sequential write (fio)", "seq_write_1M_MBps", _mbs, ">= 1.0x"),
+        ("1 MiB writes of real heap pages, one at a time", "corpus_write_1M_qd1_MBps", _mbs,
+         ">= 1.0x"),
+        ("1 MiB sequential read (fio)", "seq_read_1M_MBps", _mbs, ">= 1.0x"),
+        ("4K random read, depth 32 (fio)", "randread_4k_qd32_iops", _iops, ">= 0.5x"),
+    ):  # fmt: skip
         rows.append(_row(
             label, fmt(io.value(f"zcached.{key}")), fmt(io.value(f"zram_lz4.{key}")),
-            io.ratio(f"ratio_to_zram.{key}"), ">= 0.5x",
+            io.ratio(f"ratio_to_zram.{key}"), goal,
         ))  # fmt: skip
     return rows
 
 
 SWAP_MODULES = ("swap", "swapscale")  # 1x (repeated) and 2x/4x (once): same result shape
-TABLE_MODULES = ("compact", "io", *SWAP_MODULES)  # every module the table quotes
+TABLE_MODULES = ("compact", "core", "io", *SWAP_MODULES)  # every module the table quotes
 
 
 def _scaled(doc: dict[str, Any]) -> list[tuple[Source, str]]:
@@ -159,7 +160,44 @@ def swap_rows(doc: dict[str, Any]) -> list[str]:
         rows.append(_row(
             label, _secs(sw.value(f"scaling.{n}.zcached.wall_s")),
             _secs(sw.value(f"scaling.{n}.zram_lz4.wall_s")),
-            sw.ratio(f"scaling.{n}.ratio_to_zram.wall_s"), "<= 1.5x",
+            sw.ratio(f"scaling.{n}.ratio_to_zram.wall_s"), "<= 2.5x",
+        ))  # fmt: skip
+    return rows
+
+
+def daemon_rows(doc: dict[str, Any]) -> list[str]:
+    """The daemon's own costs, which zram has no counterpart for: CPU per page moved on the
+    swap workload, its RSS when idle, and instructions per request (callgrind)."""
+    rows = []
+    for sw, n in _scaled(doc) or [(Source(doc, "swap"), "x1")]:
+        after = f"scaling.{n}.zcached.after"
+        cpu = sw.value(f"{after}.daemon_cpu_s")
+        pages = [sw.value(f"{after}.daemon.pages_{k}") for k in ("read", "written")]
+        data = sw.value(f"scaling.{n}.data_MiB")
+        per = (
+            f"{cpu / (pages[0] + pages[1]) * 1e6:.1f} us"
+            if cpu is not None
+            and pages[0] is not None
+            and pages[1] is not None
+            and pages[0] + pages[1] > 0
+            else MISSING
+        )
+        what = f"{data:.0f} MiB swap workload" if data else "swap workload"
+        rows.append(_row(f"daemon CPU per page read or written, {what}", per, "-", "-",
+                         "<= 5 us"))  # fmt: skip
+    sw = Source(doc, "swap")
+    rows.append(_row(
+        "idle daemon RSS (before the workload)",
+        _mib(sw.value("scaling.x1.zcached.at_fill.daemon_rss_idle_bytes")), "-", "-",
+        "<= 64 MiB",
+    ))  # fmt: skip
+    core = Source(doc, "core")
+    for label, key in (("4K WRITE", "write4k"), ("4K READ", "read4k"),
+                       ("4K discard (FALLOCATE)", "discard4k")):  # fmt: skip
+        v = core.value(f"instructions_per_request.lz4.{key}")
+        rows.append(_row(
+            f"instructions per {label} request in the daemon (callgrind, lz4)",
+            MISSING if v is None else f"{v:,.0f}", "-", "-", "reported",
         ))  # fmt: skip
     return rows
 
@@ -214,7 +252,7 @@ def render(doc: dict[str, Any]) -> str:
         "| | zcached | zram (lz4) | zcached / zram | goal |",
         "|---|---:|---:|---:|---|",
     ]
-    lines += memory_rows(doc) + io_rows(doc) + swap_rows(doc)
+    lines += memory_rows(doc) + io_rows(doc) + swap_rows(doc) + daemon_rows(doc)
     sw = Source(doc, "swap")
     if not sw.ok and isinstance(sw.result.get("skipped"), str):
         lines += ["", f"Swap workload: {sw.result['skipped']}."]

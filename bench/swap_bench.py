@@ -367,6 +367,7 @@ def zcached_swap(size: int) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]
                     "compr_data_size": st.get("compr_data_size"),
                     "mem_used_total": st.get("mem_used_total"),
                     "daemon_rss_growth_bytes": vm_rss(pid) - rss0,
+                    "daemon_rss_idle_bytes": rss0,
                     "daemon_cpu_s": round(cpu_seconds(pid) - cpu0, 2),
                     "daemon": d.counters(),
                 }

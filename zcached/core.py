@@ -40,7 +40,7 @@ class PoolStats:
     requested_bytes: int
     objects: int
     pages_compacted: int
-    metadata_bytes: int
+    metadata_bytes: int  # handle table, vpages, counters, headers (not the page table)
 
 
 def _store_error(e: OSError, what: str) -> StoreError:
@@ -81,7 +81,7 @@ class CorePool:
             requested_bytes=s["compr_data_size"],
             objects=s["objects"],
             pages_compacted=s["pages_compacted"],
-            metadata_bytes=s["metadata_bytes"],
+            metadata_bytes=s["metadata_bytes"] - s["table_bytes"],
         )
 
     def check(self) -> None:
@@ -161,6 +161,10 @@ class CoreStore:
     def stats(self) -> StoreStats:
         s = self.core.stats()
         return StoreStats(**{k: s[k] for k in StoreStats.__dataclass_fields__})
+
+    def metadata_bytes(self) -> int:
+        """Bytes of the page table (the allocator's metadata is in allocator.stats())."""
+        return int(self.core.stats()["table_bytes"])
 
     def raw_stats(self) -> dict[str, int]:
         """Every counter of the core, including objects, metadata and arena bytes."""
