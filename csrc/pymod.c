@@ -141,8 +141,8 @@ static int Store_init(StoreObject *so, PyObject *args, PyObject *kw)
 
 		if (level == -1 && PyErr_Occurred())
 			return -1;
-		/* Out of int range: an invalid level (not its low 32 bits, which may be valid). */
-		cfg.level = level < -65537 * 4L || level > 65537 * 4L ? INT_MIN : (int)level;
+		/* Past int: an invalid level (not its low 32 bits, which may be a valid one). */
+		cfg.level = level < INT_MIN || level > INT_MAX ? INT_MIN : (int)level;
 	}
 	if (so->s) {
 		PyErr_SetString(PyExc_RuntimeError, "Store already initialised");

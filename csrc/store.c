@@ -329,8 +329,10 @@ static int merge_edge(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t lo, uin
 
 	if (!rc)
 		rc = materialise(c, i, c->page);
-	if (rc)
+	if (rc) { /* as the model's _integrity_error: a failed read of the page */
+		BUMP(c->st->failed_reads, 1);
 		return integrity_error(c);
+	}
 	if (data)
 		memcpy(c->page + lo, data, hi - lo);
 	else
@@ -500,10 +502,8 @@ int zc_store_discard(struct zc_ctx *c, uint64_t off, uint64_t len)
 	uint64_t full_lo = (off + ZC_PAGE_SIZE - 1) >> ZC_PAGE_SHIFT, full_hi = end >> ZC_PAGE_SHIFT;
 	int rc = zero_edges(c, off, end, full_lo, full_hi);
 
-	if (rc) {
-		BUMP(c->st->failed_writes, 1);
+	if (rc) /* counted as the model does: a corrupt edge in checksum_errors/failed_reads */
 		return rc;
-	}
 	for (uint64_t p = full_lo; p < full_hi; p += ZC_CLEAR_RUN)
 		clear_run(c, p, p + ZC_CLEAR_RUN < full_hi ? p + ZC_CLEAR_RUN : full_hi);
 	if (full_hi > full_lo)
@@ -763,7 +763,8 @@ struct zc_store *zc_store_open(const struct zc_store_config *cfg, int *err)
 	s->pte = ZC_ARENA_AT(&s->arena, off_pte, uint64_t);
 	s->fill = ZC_ARENA_AT(&s->arena, off_fill, uint32_t);
 	s->cstats = ZC_ARENA_AT(&s->arena, off_ctx, struct zc_ctx_stats);
-	s->pool = xcf_create(&s->arena, off_xcf, &g, cfg->mem_limit / ZC_PAGE_SIZE, err);
+	s->pool = xcf_create(&s->arena, off_xcf, &g,
+			     cfg->mem_limit ? cfg->mem_limit / ZC_PAGE_SIZE : XCF_NO_LIMIT, err);
 	if (!s->pool) {
 		zc_arena_destroy(&s->arena);
 		free(s);

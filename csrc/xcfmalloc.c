@@ -269,9 +269,7 @@ static int page_take(struct xcf_pool *p, uint32_t *pfn)
 	int rc = 0;
 
 	pthread_mutex_lock(&p->page_lock);
-	uint64_t limit = sh->limit_pages;
-
-	if (limit && sh->used_pages >= limit)
+	if (sh->used_pages >= sh->limit_pages) /* XCF_NO_LIMIT: never */
 		rc = -ENOSPC;
 	else if (sh->nfree_pfn)
 		*pfn = p->freepfn[--sh->nfree_pfn];

@@ -23,6 +23,7 @@
 #define XCF_NGROUPS 11u
 #define XCF_MAX_HEAPS 64
 #define XCF_COMPACT_BATCH 32u
+#define XCF_NO_LIMIT UINT64_MAX /* limit_pages of a pool without a memory limit */
 
 struct xcf_pool;
 
