@@ -289,7 +289,7 @@ static const struct {
 	STAT(mem_used_max),   STAT(same_pages),      STAT(pages_compacted), STAT(huge_pages),
 	STAT(failed_reads),   STAT(failed_writes),   STAT(checksum_errors), STAT(reads),
 	STAT(writes),         STAT(discards),        STAT(pages_stored),    STAT(npages),
-	STAT(table_bytes),    STAT(objects),         STAT(metadata_bytes),  STAT(arena_bytes),
+	STAT(table_bytes),    STAT(objects),         STAT(metadata_bytes),  STAT(arena_bytes),     STAT(vpages_to_global),
 };
 
 static PyObject *Store_stats(StoreObject *so, PyObject *Py_UNUSED(ignored))

@@ -609,6 +609,7 @@ void zc_store_stats(struct zc_store *s, struct zc_store_stats *out)
 	out->metadata_bytes = x.metadata_bytes + out->table_bytes + ZC_PAGE_SIZE +
 			      ZC_MAX_CTX * sizeof(struct zc_ctx_stats);
 	out->arena_bytes = s->arena.size;
+	out->vpages_to_global = x.vpages_to_global;
 }
 
 unsigned zc_store_fragmentation(struct zc_store *s, struct xcf_class_usage *out, unsigned n)

@@ -42,7 +42,7 @@ struct zc_store_stats {
 	uint64_t failed_reads, failed_writes, checksum_errors;
 	uint64_t reads, writes, discards;
 	uint64_t pages_stored, npages, table_bytes;
-	uint64_t objects, metadata_bytes, arena_bytes;
+	uint64_t objects, metadata_bytes, arena_bytes, vpages_to_global;
 };
 
 /* Create a store in a new memfd arena.  On failure returns NULL and sets *err (-errno). */

@@ -93,7 +93,7 @@ struct xcf_shared {
 	/* global handle pool: glob_hlock */
 	uint32_t fresh_handle, free_handle;
 	/* atomics */
-	uint64_t objects, compacted, moves;
+	uint64_t objects, compacted, moves, to_global;
 };
 
 struct xcf_pool {
@@ -640,6 +640,7 @@ static void give_to_global(struct xcf_pool *p, unsigned c, int h)
 	pthread_mutex_lock(lock_of(p, c, 0));
 	vp_move_heap(p, c, id, h, 0);
 	pthread_mutex_unlock(lock_of(p, c, 0));
+	ADD(p->sh->to_global, 1);
 }
 
 static uint32_t take_from_global(struct xcf_pool *p, unsigned c, int h)
@@ -980,6 +981,7 @@ void xcf_stats(struct xcf_pool *p, struct xcf_stats *out)
 	out->requested_bytes = req;
 	out->metadata_bytes = metadata_bytes(p);
 	out->moves = RLOAD(sh->moves);
+	out->vpages_to_global = RLOAD(sh->to_global);
 }
 
 unsigned xcf_fragmentation(struct xcf_pool *p, struct xcf_class_usage *out, unsigned n)

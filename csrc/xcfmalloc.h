@@ -37,6 +37,7 @@ struct xcf_geometry {
 struct xcf_stats {
 	uint64_t pool_pages, pool_pages_max, limit_pages, pages_compacted;
 	uint64_t objects, requested_bytes, metadata_bytes, moves;
+	uint64_t vpages_to_global; /* Hoard hand-overs of a worker heap's sparsest vpage */
 };
 
 struct xcf_class_usage {

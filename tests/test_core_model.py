@@ -1182,3 +1182,25 @@ def test_configurations_the_model_accepts_the_core_accepts() -> None:
         CoreStore(PS, compressor="lz4", level=level).close()
     CoreStore(PS, heaps=64, huge_threshold=1).close()
     CoreStore(PS, huge_threshold=PS, mem_limit=PS).close()
+
+
+def test_hoard_worker_heap_hands_sparse_vpages_to_the_global_heap() -> None:
+    """Frees that leave a worker heap more than a quarter (and K vpages) empty hand its
+    sparsest vpage to the global heap (xcfmalloc's Hoard bound), and its objects stay intact."""
+    rng = random.Random(11)
+    npages = 2048
+    core = CoreStore(npages * PS, heaps=2)
+    try:
+        pages = [rng.randbytes(PS // 2) + bytes(PS // 2) for _ in range(npages)]
+        for p, data in enumerate(pages):
+            core.write(p * PS, data)
+        assert core.allocator.stats().vpages_to_global == 0
+        gone = set(rng.sample(range(npages), npages * 3 // 4))
+        for p in gone:
+            core.discard(p * PS, PS)
+        assert core.allocator.stats().vpages_to_global > 0
+        core.allocator.check()
+        for p, data in enumerate(pages):
+            assert core.read(p * PS, PS) == (bytes(PS) if p in gone else data)
+    finally:
+        core.close()

@@ -41,6 +41,7 @@ class PoolStats:
     objects: int
     pages_compacted: int
     metadata_bytes: int  # handle table, vpages, counters, headers (not the page table)
+    vpages_to_global: int  # Hoard hand-overs from worker heaps to the global heap
 
 
 def _store_error(e: OSError, what: str) -> StoreError:
@@ -82,6 +83,7 @@ class CorePool:
             objects=s["objects"],
             pages_compacted=s["pages_compacted"],
             metadata_bytes=s["metadata_bytes"] - s["table_bytes"],
+            vpages_to_global=s["vpages_to_global"],
         )
 
     def check(self) -> None:
