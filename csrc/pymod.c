@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include "fuse_loop.h"
 #include "store.h"
@@ -26,6 +27,7 @@ typedef struct {
 	struct zc_store *s;
 	uint64_t size;
 	int heaps, next_heap, nfree, fuse_users;
+	int busy, closing; /* calls running without the GIL; close() waits for them (GIL held) */
 	struct zc_ctx *free_ctx[MAX_PY_CTX];
 	pthread_mutex_t ctx_lock;
 } StoreObject;
@@ -35,6 +37,7 @@ typedef struct {
 	StoreObject *store;
 	struct zc_fuse *f;
 	int started, running;
+	int busy; /* calls running without the GIL; close() refuses while any is */
 } FuseObject;
 
 static PyObject *raise_errno(int neg)
@@ -85,7 +88,7 @@ static void ctx_put(StoreObject *so, struct zc_ctx *c)
 
 static int store_ready(StoreObject *so)
 {
-	if (!so->s) {
+	if (!so->s || so->closing) {
 		PyErr_SetString(PyExc_ValueError, "store is closed");
 		return 0;
 	}
@@ -170,15 +173,24 @@ static int Store_init(StoreObject *so, PyObject *args, PyObject *kw)
 	return 0;
 }
 
+/* Called with the GIL: new calls are refused, and those still running without the GIL (each
+ * counted in busy while it is) are waited for before the store is freed under them. */
 static void store_close(StoreObject *so)
 {
-	if (!so->s)
+	if (!so->s || so->closing)
 		return;
+	so->closing = 1;
+	while (so->busy) {
+		Py_BEGIN_ALLOW_THREADS
+		usleep(1000);
+		Py_END_ALLOW_THREADS
+	}
 	for (int i = 0; i < so->nfree; i++)
 		zc_ctx_free(so->free_ctx[i]);
 	so->nfree = 0;
 	zc_store_close(so->s);
 	so->s = NULL;
+	so->closing = 0;
 	pthread_mutex_destroy(&so->ctx_lock);
 }
 
@@ -215,6 +227,7 @@ static PyObject *Store_read(StoreObject *so, PyObject *args)
 	int rc = -ENOMEM;
 	uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
 
+	so->busy++;
 	Py_BEGIN_ALLOW_THREADS
 	struct zc_ctx *c = ctx_get(so);
 
@@ -223,6 +236,7 @@ static PyObject *Store_read(StoreObject *so, PyObject *args)
 		ctx_put(so, c);
 	}
 	Py_END_ALLOW_THREADS
+	so->busy--;
 	if (rc) {
 		Py_DECREF(out);
 		return raise_errno(rc);
@@ -245,6 +259,7 @@ static PyObject *Store_write(StoreObject *so, PyObject *args)
 	}
 	int rc = -ENOMEM;
 
+	so->busy++;
 	Py_BEGIN_ALLOW_THREADS
 	struct zc_ctx *c = ctx_get(so);
 
@@ -253,6 +268,7 @@ static PyObject *Store_write(StoreObject *so, PyObject *args)
 		ctx_put(so, c);
 	}
 	Py_END_ALLOW_THREADS
+	so->busy--;
 	PyBuffer_Release(&data);
 	if (rc)
 		return raise_errno(rc);
@@ -267,6 +283,7 @@ static PyObject *Store_discard(StoreObject *so, PyObject *args)
 		return NULL;
 	int rc = -ENOMEM;
 
+	so->busy++;
 	Py_BEGIN_ALLOW_THREADS
 	struct zc_ctx *c = ctx_get(so);
 
@@ -275,6 +292,7 @@ static PyObject *Store_discard(StoreObject *so, PyObject *args)
 		ctx_put(so, c);
 	}
 	Py_END_ALLOW_THREADS
+	so->busy--;
 	if (rc)
 		return raise_errno(rc);
 	Py_RETURN_NONE;
@@ -298,9 +316,11 @@ static PyObject *Store_stats(StoreObject *so, PyObject *Py_UNUSED(ignored))
 
 	if (!store_ready(so))
 		return NULL;
+	so->busy++;
 	Py_BEGIN_ALLOW_THREADS
 	zc_store_stats(so->s, &st);
 	Py_END_ALLOW_THREADS
+	so->busy--;
 	PyObject *d = PyDict_New();
 
 	for (size_t i = 0; d && i < sizeof(store_fields) / sizeof(store_fields[0]); i++) {
@@ -326,9 +346,11 @@ static PyObject *Store_compact(StoreObject *so, PyObject *args)
 
 	if (!PyArg_ParseTuple(args, "|K", &max_moves) || !store_ready(so))
 		return NULL;
+	so->busy++;
 	Py_BEGIN_ALLOW_THREADS
 	moved = zc_store_compact(so->s, max_moves);
 	Py_END_ALLOW_THREADS
+	so->busy--;
 	return PyLong_FromUnsignedLongLong(moved);
 }
 
@@ -338,9 +360,11 @@ static PyObject *Store_reclaimable_bytes(StoreObject *so, PyObject *Py_UNUSED(ig
 
 	if (!store_ready(so))
 		return NULL;
+	so->busy++;
 	Py_BEGIN_ALLOW_THREADS
 	n = zc_store_reclaimable_bytes(so->s);
 	Py_END_ALLOW_THREADS
+	so->busy--;
 	return PyLong_FromUnsignedLongLong(n);
 }
 
@@ -351,9 +375,11 @@ static PyObject *Store_fragmentation(StoreObject *so, PyObject *Py_UNUSED(ignore
 
 	if (!store_ready(so))
 		return NULL;
+	so->busy++;
 	Py_BEGIN_ALLOW_THREADS
 	n = zc_store_fragmentation(so->s, u, XCF_NCLASSES);
 	Py_END_ALLOW_THREADS
+	so->busy--;
 	PyObject *list = PyList_New(n);
 
 	for (unsigned i = 0; list && i < n; i++) {
@@ -383,6 +409,7 @@ static PyObject *Store_scrub(StoreObject *so, PyObject *Py_UNUSED(ignored))
 	pages = PyMem_Malloc(SCRUB_MAX_REPORT * sizeof(*pages));
 	if (!pages)
 		return PyErr_NoMemory();
+	so->busy++;
 	Py_BEGIN_ALLOW_THREADS
 	struct zc_ctx *c = ctx_get(so);
 
@@ -392,6 +419,7 @@ static PyObject *Store_scrub(StoreObject *so, PyObject *Py_UNUSED(ignored))
 		ok = 1;
 	}
 	Py_END_ALLOW_THREADS
+	so->busy--;
 	PyObject *list = ok ? u64_list(pages, (unsigned)(bad < SCRUB_MAX_REPORT ? bad : SCRUB_MAX_REPORT)) : NULL;
 
 	PyMem_Free(pages);
@@ -423,9 +451,11 @@ static PyObject *Store_check(StoreObject *so, PyObject *Py_UNUSED(ignored))
 
 	if (!store_ready(so))
 		return NULL;
+	so->busy++;
 	Py_BEGIN_ALLOW_THREADS
 	rc = zc_store_check(so->s);
 	Py_END_ALLOW_THREADS
+	so->busy--;
 	return PyLong_FromLong(rc);
 }
 
@@ -509,9 +539,11 @@ static PyObject *Fuse_start(FuseObject *fo, PyObject *Py_UNUSED(ignored))
 		PyErr_SetString(PyExc_RuntimeError, "Fuse not initialised or already started");
 		return NULL;
 	}
+	fo->busy++;
 	Py_BEGIN_ALLOW_THREADS
 	rc = zc_fuse_start(fo->f);
 	Py_END_ALLOW_THREADS
+	fo->busy--;
 	fo->started = 1;
 	if (rc)
 		return raise_errno(rc);
@@ -526,9 +558,11 @@ static PyObject *Fuse_join(FuseObject *fo, PyObject *args)
 	if (!PyArg_ParseTuple(args, "i", &timeout_ms))
 		return NULL;
 	if (fo->f && fo->started) {
+		fo->busy++;
 		Py_BEGIN_ALLOW_THREADS
 		left = zc_fuse_join(fo->f, timeout_ms);
 		Py_END_ALLOW_THREADS
+		fo->busy--;
 	}
 	if (!left)
 		fo->running = 0;
@@ -537,8 +571,8 @@ static PyObject *Fuse_join(FuseObject *fo, PyObject *args)
 
 static void fuse_release(FuseObject *fo)
 {
-	if (!fo->f || fo->running)
-		return; /* never free what a live worker may still use */
+	if (!fo->f || fo->running || fo->busy)
+		return; /* never free what a live worker, or a call without the GIL, may still use */
 	zc_fuse_free(fo->f);
 	fo->f = NULL;
 	if (fo->store) {
@@ -549,8 +583,10 @@ static void fuse_release(FuseObject *fo)
 
 static PyObject *Fuse_close(FuseObject *fo, PyObject *Py_UNUSED(ignored))
 {
-	if (fo->running) {
-		PyErr_SetString(PyExc_RuntimeError, "workers still running: join() first");
+	if (fo->running || fo->busy) {
+		PyErr_SetString(PyExc_RuntimeError,
+				fo->running ? "workers still running: join() first"
+					    : "a call on this Fuse is still running");
 		return NULL;
 	}
 	fuse_release(fo);
@@ -582,9 +618,11 @@ static PyObject *Fuse_stats(FuseObject *fo, PyObject *Py_UNUSED(ignored))
 	st = PyMem_Malloc(sizeof(*st));
 	if (!st)
 		return PyErr_NoMemory();
+	fo->busy++;
 	Py_BEGIN_ALLOW_THREADS
 	zc_fuse_stats(fo->f, st);
 	Py_END_ALLOW_THREADS
+	fo->busy--;
 	PyObject *d = PyDict_New(), *lat = PyList_New(ZC_FUSE_MAX_OPCODE);
 	int bad = !d || !lat;
 

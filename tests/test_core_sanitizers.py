@@ -299,6 +299,7 @@ WORKLOAD = textwrap.dedent(
     import random
     import sys
     import threading
+    import time
 
     import zcached
     from zcached import _core
@@ -556,9 +557,38 @@ WORKLOAD = textwrap.dedent(
         raises(_core.Fuse, raw, -1, "x")
         print("bad arguments ok")
 
+    def close_while_busy():
+        """close() from one thread while others are inside calls without the GIL: it waits
+        for them, and the calls after it are refused (ValueError), never a use after free."""
+        for _ in range(20):
+            s = _core.Store(4 << 20, heaps=2)
+            s.write(0, bytes(range(256)) * 4096)
+            refused = []
+
+            def hammer():  # until close() refuses it
+                while True:
+                    try:
+                        s.read(0, 1 << 20)
+                        s.stats()
+                        s.compact(0)
+                    except ValueError:
+                        refused.append(1)
+                        return
+
+            ts = [threading.Thread(target=hammer) for _ in range(2)]
+            for t in ts:
+                t.start()
+            time.sleep(0.01)
+            s.close()
+            for t in ts:
+                t.join()
+            assert len(refused) == 2
+        print("close while busy ok")
+
     workload(compressor="lz4")
     workload(compressor="zstd", mem_limit=3 << 20)
     bad_arguments()
+    close_while_busy()
     '''
 )
 
