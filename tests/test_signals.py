@@ -219,7 +219,13 @@ def test_stop_signal_during_start_up(
         # The command (the wrapper, asleep) has not inherited the daemon's blocked signals nor
         # its ignored SIGPIPE, and runs in its own session.
         child = children_named(d.pid, "swapon")[0]
+        # The wrapper is a shell script: the shell blocks every signal for an instant while it
+        # forks its `sleep`, so look again until it is waiting (its own mask, empty).
+        deadline = time.monotonic() + 1.0
         st = proc_status(child)
+        while sigbits(st["SigBlk"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+            st = proc_status(child)
         assert sigbits(st["SigBlk"]) == set(), st["SigBlk"]
         assert signal.SIGPIPE not in sigbits(st["SigIgn"]), st["SigIgn"]
         assert os.getsid(child) == child
