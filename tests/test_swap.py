@@ -38,7 +38,9 @@ def status_fields(text: str) -> dict[str, str]:
 
 def test_child_has_empty_mask_default_sigpipe_and_own_session(blocked: None) -> None:
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) >= BLOCKED
-    out = swap._run(["sh", "-c", "echo $$; cat /proc/$$/stat; cat /proc/$$/status"], "probe")
+    # exec: cat reads its own status as the spawned process (a shell that reads its own while
+    # it waits for a forked cat shows the mask the shell keeps around its fork, not ours).
+    out = swap._run(["sh", "-c", "echo $$; exec cat /proc/self/stat /proc/self/status"], "probe")
     pid_line, stat, status = out.split("\n", 2)
     pid = int(pid_line)
     fields = status_fields(status)
