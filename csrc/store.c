@@ -454,10 +454,8 @@ static int zero_edges(struct zc_ctx *c, uint64_t off, uint64_t end, uint64_t ful
 		edge[n++] = last;
 	if (!n)
 		return 0;
-	uint64_t set = stripes_of(edge[0], edge[n - 1]);
+	uint64_t set = stripes_of(edge[0], edge[0]) | stripes_of(edge[n - 1], edge[n - 1]);
 
-	if (n == 2)
-		set = stripes_of(edge[0], edge[0]) | stripes_of(edge[1], edge[1]);
 	lock_stripes(s, set);
 	unsigned k = 0;
 	uint64_t pages[2];

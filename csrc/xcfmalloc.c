@@ -221,11 +221,13 @@ static void bit_clear(struct xcf_vpage *v, unsigned s)
 
 static unsigned first_free(const struct xcf_vpage *v, unsigned opv)
 {
-	for (unsigned w = 0; w < 4; w++)
-		if (~v->live[w])
-			return w * 64 + (unsigned)__builtin_ctzll(~v->live[w]) < opv
-				       ? w * 64 + (unsigned)__builtin_ctzll(~v->live[w])
-				       : opv;
+	for (unsigned w = 0; w < 4; w++) {
+		if (~v->live[w]) {
+			unsigned s = w * 64 + (unsigned)__builtin_ctzll(~v->live[w]);
+
+			return s < opv ? s : opv;
+		}
+	}
 	return opv;
 }
 

@@ -20,15 +20,11 @@ from dataclasses import dataclass
 from zcached import _core
 from zcached.codec import DEFAULT_HUGE_THRESHOLD
 from zcached.fuse import LATENCY_BOUNDS_NS, OPCODE_NAMES, FuseServer, MountError
-from zcached.store import TABLE_BYTES_PER_PAGE, StoreError, StoreStats
+from zcached.store import StoreError, StoreStats
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CoreFuseServer", "CorePool", "CoreStore", "PoolStats"]
-
-# Table bytes per device page in the core (u64 entry + u32 fill word); the model has 9.
-CORE_TABLE_BYTES_PER_PAGE = 12
-assert CORE_TABLE_BYTES_PER_PAGE > TABLE_BYTES_PER_PAGE
 
 
 @dataclass(frozen=True)
