@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 int zc_arena_create(struct zc_arena *a, uint64_t size, const char *name)
@@ -35,6 +36,38 @@ int zc_arena_create(struct zc_arena *a, uint64_t size, const char *name)
 	}
 	a->fd = fd;
 	a->base = p;
+	return 0;
+}
+
+int zc_arena_attach(struct zc_arena *a, int fd)
+{
+	struct stat st = {0};
+
+	a->fd = -1;
+	a->base = NULL;
+	a->size = 0;
+	int dup = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+
+	if (dup < 0)
+		return -errno;
+	if (fstat(dup, &st) != 0 || st.st_size <= 0) {
+		int e = st.st_size <= 0 ? -EINVAL : -errno;
+
+		close(dup);
+		return e;
+	}
+	void *p = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+		       dup, 0);
+
+	if (p == MAP_FAILED) {
+		int e = -errno;
+
+		close(dup);
+		return e;
+	}
+	a->fd = dup;
+	a->base = p;
+	a->size = (uint64_t)st.st_size;
 	return 0;
 }
 

@@ -19,6 +19,9 @@ struct zc_arena {
 
 /* 0 or -errno.  The memfd is sparse: only touched pages cost memory. */
 int zc_arena_create(struct zc_arena *a, uint64_t size, const char *name);
+/* Map the arena held in memfd `fd` (another process made it); fd is duplicated (O_CLOEXEC),
+ * the caller keeps its own.  0 or -errno. */
+int zc_arena_attach(struct zc_arena *a, int fd);
 void zc_arena_destroy(struct zc_arena *a);
 /* Drop [off, off + len) from memory; it reads as zeros afterwards.  0 or -errno. */
 int zc_arena_punch(struct zc_arena *a, uint64_t off, uint64_t len);

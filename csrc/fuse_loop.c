@@ -34,6 +34,17 @@
  *  T5 initialized, kernel_minor and io_flusher_failed are relaxed atomics any worker may set.
  *  T6 Workers run with every signal blocked; they end when the connection goes away (ENODEV
  *     or EPERM from read(2), ENODEV from write(2)) or on an unexpected read error.
+ *
+ * TAKING OVER A CONNECTION (crash recovery, live upgrade)
+ *  The descriptors may belong to a keeper process that outlives servers (zc_fuse_set_fds).
+ *  A request a dead server had read stays on the processing list of the descriptor it was
+ *  read from while any process holds that descriptor open; FUSE_NOTIFY_RESEND puts every such
+ *  request back on the pending queue, its unique with bit 63 set (the reply echoes it).  So a
+ *  new server on the same descriptors answers them all: the kernel sees a pause, not an error.
+ *  Replaying is safe because every request we serve is idempotent (a write or discard applied
+ *  twice leaves what applying it once does; S1 in store.c says a half-applied one leaves
+ *  nothing torn).  Whether INIT was answered is kept in the store's front words (the arena
+ *  outlives the server): a new server must neither expect INIT again nor forget its outcome.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -95,6 +106,10 @@
 #define ZC_NO_ERRNO 512 /* the kernel refuses reply errors <= -512 (ERESTARTSYS) */
 
 #define ZC_OP_LAST (ZC_FUSE_MAX_OPCODE - 1)
+#define ZC_NOTIFY_RESEND 7               /* enum fuse_notify_code, Linux 6.9 (7.40) */
+#define ZC_UNIQUE_RESEND (1ull << 63)    /* set by the kernel on a request sent again */
+#define ZC_FRONT_INIT 0                  /* front word: 1 once INIT was answered */
+#define ZC_FRONT_MINOR 1                 /* front word: the kernel's minor version */
 
 _Static_assert(ZC_WRITE_DATA == 80, "fuse_in_header + fuse_write_in must be 80 bytes");
 _Static_assert(ZC_OUT_HDR == 16, "fuse_out_header must be 16 bytes");
@@ -118,7 +133,7 @@ struct zc_wstats {
 	zc_counter errors[ZC_FUSE_MAX_OPCODE];
 	zc_counter lat_sum_ns[ZC_FUSE_MAX_OPCODE];
 	zc_counter lat[ZC_FUSE_MAX_OPCODE][ZC_FUSE_NBUCKETS];
-	zc_counter bytes_read, bytes_written, bytes_discarded, internal_errors;
+	zc_counter bytes_read, bytes_written, bytes_discarded, internal_errors, resent;
 };
 
 struct zc_fuse_worker {
@@ -147,6 +162,8 @@ struct zc_fuse {
 	pthread_cond_t cond;
 	int running, started;
 	struct zc_fuse_worker **workers; /* nthreads slots */
+	int *given;                      /* zc_fuse_set_fds: nthreads descriptors, not owned */
+	int resumed, resend_error;       /* set by zc_fuse_new / zc_fuse_start only */
 	_Atomic int initialized, io_flusher_failed;
 	_Atomic uint32_t kernel_minor;
 };
@@ -298,6 +315,12 @@ static int do_init(struct zc_req *r)
 	put(r, &out, sizeof(out));
 	atomic_store_explicit(&f->kernel_minor, in.minor, memory_order_relaxed);
 	atomic_store_explicit(&f->initialized, 1, memory_order_relaxed);
+	{
+		uint32_t *front = zc_store_front(f->s);
+
+		__atomic_store_n(&front[ZC_FRONT_MINOR], in.minor, __ATOMIC_RELAXED);
+		__atomic_store_n(&front[ZC_FRONT_INIT], 1u, __ATOMIC_RELEASE);
+	}
 	return 0;
 }
 
@@ -635,6 +658,8 @@ int zc_fuse_handle(struct zc_fuse_worker *w, uint8_t *buf, size_t n, zc_fuse_wri
 	}
 	memcpy(&r.h, buf, sizeof(r.h));
 	op = r.h.opcode < ZC_FUSE_MAX_OPCODE ? r.h.opcode : ZC_OP_LAST;
+	if (r.h.unique & ZC_UNIQUE_RESEND)
+		count(&w->st.resent, 1);
 	if (no_reply(r.h.opcode)) {
 		if (r.h.len != n)
 			count(&w->st.internal_errors, 1);
@@ -848,6 +873,30 @@ static int spawn(struct zc_fuse_worker *w)
 	return -rc;
 }
 
+/* FUSE_NOTIFY_RESEND: the requests read by a dead server go back on the pending queue.
+ * 0 or the errno (EINVAL: a kernel before 6.9; those requests then wait for ever). */
+static int send_resend(int fd)
+{
+	struct fuse_out_header o = { .len = ZC_OUT_HDR, .error = ZC_NOTIFY_RESEND, .unique = 0 };
+
+	return write(fd, &o, sizeof(o)) == (ssize_t)sizeof(o) ? 0 : errno;
+}
+
+int zc_fuse_set_fds(struct zc_fuse *f, const int *fds, int n)
+{
+	if (!f || !fds || n != f->nthreads || f->started || f->given)
+		return -EINVAL;
+	for (int i = 0; i < n; i++)
+		if (fds[i] < 0)
+			return -EINVAL;
+	f->given = malloc((size_t)n * sizeof(int));
+	if (!f->given)
+		return -ENOMEM;
+	memcpy(f->given, fds, (size_t)n * sizeof(int));
+	f->fd = fds[0];
+	return 0;
+}
+
 int zc_fuse_start(struct zc_fuse *f)
 {
 	int rc = 0;
@@ -871,8 +920,8 @@ int zc_fuse_start(struct zc_fuse *f)
 			rc = -ENOMEM;
 			break;
 		}
-		w->fd = f->fd;
-		if (i > 0) {
+		w->fd = f->given ? f->given[i] : f->fd;
+		if (i > 0 && !f->given) {
 			int c = clone_fd(f->fd);
 
 			if (c >= 0) {
@@ -891,6 +940,8 @@ int zc_fuse_start(struct zc_fuse *f)
 		goto out;
 	}
 	f->started = 1;
+	if (f->resumed)
+		f->resend_error = send_resend(f->workers[0]->fd);
 	for (int i = 0; i < f->nthreads; i++) {
 		struct zc_fuse_worker *w = f->workers[i];
 
@@ -1010,9 +1061,15 @@ struct zc_fuse *zc_fuse_new(struct zc_store *s, int fd, const char *file_name, i
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&f->cond, &ca);
 	pthread_condattr_destroy(&ca);
-	atomic_init(&f->initialized, 0);
+	{
+		uint32_t *front = zc_store_front(s);
+		int inited = __atomic_load_n(&front[ZC_FRONT_INIT], __ATOMIC_ACQUIRE) == 1;
+
+		f->resumed = inited;
+		atomic_init(&f->initialized, inited);
+		atomic_init(&f->kernel_minor, inited ? front[ZC_FRONT_MINOR] : 0);
+	}
 	atomic_init(&f->io_flusher_failed, 0);
-	atomic_init(&f->kernel_minor, 0);
 	if (err)
 		*err = 0;
 	return f;
@@ -1039,6 +1096,7 @@ void zc_fuse_free(struct zc_fuse *f)
 	pthread_cond_destroy(&f->cond);
 	pthread_mutex_destroy(&f->lock);
 	free(f->workers);
+	free(f->given);
 	free(f);
 }
 
@@ -1057,6 +1115,7 @@ static void add_worker_stats(struct zc_fuse_worker *w, struct zc_fuse_stats *out
 	out->bytes_written += peek(&st->bytes_written);
 	out->bytes_discarded += peek(&st->bytes_discarded);
 	out->internal_errors += peek(&st->internal_errors);
+	out->resent_requests += peek(&st->resent);
 }
 
 void zc_fuse_stats(struct zc_fuse *f, struct zc_fuse_stats *out)
@@ -1072,4 +1131,6 @@ void zc_fuse_stats(struct zc_fuse *f, struct zc_fuse_stats *out)
 	out->initialized = atomic_load_explicit(&f->initialized, memory_order_relaxed);
 	out->kernel_minor = atomic_load_explicit(&f->kernel_minor, memory_order_relaxed);
 	out->io_flusher_failed = atomic_load_explicit(&f->io_flusher_failed, memory_order_relaxed);
+	out->resumed = f->resumed;
+	out->resend_error = f->resend_error;
 }

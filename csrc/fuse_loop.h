@@ -26,16 +26,25 @@ struct zc_fuse_stats {
 	uint64_t lat[ZC_FUSE_MAX_OPCODE][ZC_FUSE_NBUCKETS];
 	uint64_t bytes_read, bytes_written, bytes_discarded;
 	uint64_t internal_errors; /* failures inside the loop itself (bad requests, reply errors) */
-	int initialized;          /* FUSE_INIT answered */
+	int initialized;          /* FUSE_INIT answered (by this server or an earlier one) */
 	uint32_t kernel_minor;
 	int io_flusher_failed;    /* prctl(PR_SET_IO_FLUSHER) failed in some worker */
+	int resumed;              /* took over a connection an earlier server had initialised */
+	int resend_error;         /* errno of the FUSE_NOTIFY_RESEND write (0 = sent or none) */
+	uint64_t resent_requests; /* requests the kernel sent again (unique has bit 63) */
 };
 
 extern const uint64_t zc_fuse_latency_bounds_ns[ZC_FUSE_NBUCKETS - 1];
 
-/* fd: the mounted /dev/fuse descriptor (not owned).  file_name: the one file in the root. */
+/* fd: the mounted /dev/fuse descriptor (not owned).  file_name: the one file in the root.
+ * If the store's front words say an earlier server answered FUSE_INIT on this connection,
+ * the new loop resumes it: zc_fuse_start first writes FUSE_NOTIFY_RESEND (Linux 6.9+), so the
+ * kernel queues again every request the dead server had read and not answered. */
 struct zc_fuse *zc_fuse_new(struct zc_store *s, int fd, const char *file_name, int nthreads,
 			    int *err);
+/* Serve on these descriptors (n == nthreads, not owned; a keeper process holds them across
+ * servers) instead of fd and clones of it.  Before zc_fuse_start.  0 or -EINVAL. */
+int zc_fuse_set_fds(struct zc_fuse *f, const int *fds, int n);
 /* Start the workers (worker i uses Hoard heap 1 + i % heaps, heaps = nthreads: the store must
  * have been opened with heaps >= nthreads).  0 (also when already started) or -errno. */
 int zc_fuse_start(struct zc_fuse *f);

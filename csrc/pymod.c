@@ -14,6 +14,8 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -30,7 +32,15 @@ typedef struct {
 	int busy, closing; /* calls running without the GIL; close() waits for them (GIL held) */
 	struct zc_ctx *free_ctx[MAX_PY_CTX];
 	pthread_mutex_t ctx_lock;
+	int attached;            /* made by zc_store_attach: rec holds its report */
+	struct zc_recovery rec;
 } StoreObject;
+
+typedef struct {
+	PyObject_HEAD
+	uint8_t *base;
+	size_t size;
+} HoldObject;
 
 typedef struct {
 	PyObject_HEAD
@@ -113,18 +123,53 @@ static PyObject *u64_list(const uint64_t *v, unsigned n)
 
 /* ---- Store --------------------------------------------------------------------------------- */
 
+/* Store(attach=fd): the store in an existing arena, recovered (zc_store_attach). */
+static int store_attach(StoreObject *so, int fd)
+{
+	struct zc_store_config cfg;
+	struct zc_store *s;
+	int err = 0;
+
+	if (so->s) {
+		PyErr_SetString(PyExc_RuntimeError, "Store already initialised");
+		return -1;
+	}
+	Py_BEGIN_ALLOW_THREADS
+	s = zc_store_attach(fd, &so->rec, &err);
+	Py_END_ALLOW_THREADS
+	if (!s) {
+		if (err == -EPROTO) {
+			PyErr_SetString(PyExc_ValueError,
+					"not a zcached arena of this version (header or layout differs)");
+			return -1;
+		}
+		raise_errno(err);
+		return -1;
+	}
+	zc_store_get_config(s, &cfg);
+	so->s = s;
+	so->size = cfg.size;
+	so->heaps = cfg.heaps;
+	so->attached = 1;
+	pthread_mutex_init(&so->ctx_lock, NULL);
+	return 0;
+}
+
 static int Store_init(StoreObject *so, PyObject *args, PyObject *kw)
 {
-	static char *kwlist[] = {"size",   "compressor", "level", "mem_limit", "huge_threshold",
-				 "heaps", NULL};
-	unsigned long long size, mem_limit = 0, huge = 3584;
+	static char *kwlist[] = {"size",  "compressor", "level",  "mem_limit", "huge_threshold",
+				 "heaps", "attach",     NULL};
+	unsigned long long size = 0, mem_limit = 0, huge = 3584;
 	const char *comp = "lz4";
 	PyObject *level_obj = Py_None;
-	int heaps = 1;
+	int heaps = 1, attach = -1;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "O&|sOO&O&i", kwlist, to_u64, &size, &comp,
-					 &level_obj, to_u64, &mem_limit, to_u64, &huge, &heaps))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|O&sOO&O&ii", kwlist, to_u64, &size, &comp,
+					 &level_obj, to_u64, &mem_limit, to_u64, &huge, &heaps,
+					 &attach))
 		return -1;
+	if (attach >= 0)
+		return store_attach(so, attach);
 	struct zc_store_config cfg = {.size = size, .mem_limit = mem_limit,
 				      .huge_threshold = huge > ZC_PAGE_SIZE ? 0 : (uint32_t)huge,
 				      .heaps = heaps};
@@ -307,7 +352,8 @@ static const struct {
 	STAT(mem_used_max),   STAT(same_pages),      STAT(pages_compacted), STAT(huge_pages),
 	STAT(failed_reads),   STAT(failed_writes),   STAT(checksum_errors), STAT(reads),
 	STAT(writes),         STAT(discards),        STAT(pages_stored),    STAT(npages),
-	STAT(table_bytes),    STAT(objects),         STAT(metadata_bytes),  STAT(arena_bytes),     STAT(vpages_to_global),
+	STAT(table_bytes),    STAT(objects),         STAT(metadata_bytes),  STAT(arena_bytes),
+	STAT(vpages_to_global), STAT(recoveries),    STAT(lost_pages),
 };
 
 static PyObject *Store_stats(StoreObject *so, PyObject *Py_UNUSED(ignored))
@@ -466,7 +512,54 @@ static PyObject *Store_memfd(StoreObject *so, PyObject *Py_UNUSED(ignored))
 	return PyLong_FromLong(zc_store_memfd(so->s));
 }
 
+static PyObject *u64_dict(const char *const *names, const uint64_t *vals, size_t n)
+{
+	PyObject *d = PyDict_New();
+
+	for (size_t i = 0; d && i < n; i++) {
+		PyObject *o = PyLong_FromUnsignedLongLong(vals[i]);
+
+		if (!o || PyDict_SetItemString(d, names[i], o)) {
+			Py_XDECREF(o);
+			Py_CLEAR(d);
+		}
+		Py_XDECREF(o);
+	}
+	return d;
+}
+
+static PyObject *Store_recovery(StoreObject *so, PyObject *Py_UNUSED(ignored))
+{
+	static const char *const names[] = {"pages", "objects", "orphans", "lost_pages",
+					    "pages_freed", "ns"};
+	const struct zc_recovery *r = &so->rec;
+	const uint64_t vals[] = {r->pages, r->objects, r->orphans, r->lost_pages, r->pages_freed,
+				 r->ns};
+
+	if (!store_ready(so))
+		return NULL;
+	if (!so->attached)
+		Py_RETURN_NONE;
+	return u64_dict(names, vals, sizeof(vals) / sizeof(vals[0]));
+}
+
+static PyObject *Store_config(StoreObject *so, PyObject *Py_UNUSED(ignored))
+{
+	struct zc_store_config c;
+
+	if (!store_ready(so))
+		return NULL;
+	zc_store_get_config(so->s, &c);
+	return Py_BuildValue("{s:K,s:s,s:i,s:K,s:I,s:i}", "size", (unsigned long long)c.size,
+			     "compressor", c.compressor == ZC_ZSTD ? "zstd" : "lz4", "level",
+			     c.level, "mem_limit", (unsigned long long)c.mem_limit,
+			     "huge_threshold", c.huge_threshold, "heaps", c.heaps);
+}
+
 static PyMethodDef Store_methods[] = {
+	{"recovery", (PyCFunction)Store_recovery, METH_NOARGS,
+	 "what attaching found and did (None for a new store)"},
+	{"config", (PyCFunction)Store_config, METH_NOARGS, "the configuration in the arena"},
 	{"read", (PyCFunction)Store_read, METH_VARARGS, "read(offset, length) -> bytes"},
 	{"write", (PyCFunction)Store_write, METH_VARARGS, "write(offset, data)"},
 	{"discard", (PyCFunction)Store_discard, METH_VARARGS, "discard(offset, length)"},
@@ -500,14 +593,37 @@ static PyTypeObject StoreType = {
 
 static int Fuse_init(FuseObject *fo, PyObject *args, PyObject *kw)
 {
-	static char *kwlist[] = {"store", "fd", "file_name", "threads", NULL};
-	PyObject *store;
-	int fd, threads = 1, err = 0;
+	static char *kwlist[] = {"store", "fd", "file_name", "threads", "fds", NULL};
+	PyObject *store, *fds_obj = Py_None;
+	int fd, threads = 1, err = 0, fds[256], nfds = 0;
 	const char *name;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "O!is|i", kwlist, &StoreType, &store, &fd,
-					 &name, &threads))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O!is|iO", kwlist, &StoreType, &store, &fd,
+					 &name, &threads, &fds_obj))
 		return -1;
+	if (fds_obj != Py_None) {
+		PyObject *seq = PySequence_Fast(fds_obj, "fds must be a sequence of descriptors");
+
+		if (!seq)
+			return -1;
+		Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+
+		for (Py_ssize_t i = 0; i < n && i < 256; i++) {
+			long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+
+			if (v == -1 && PyErr_Occurred())
+				break;
+			fds[nfds++] = v < 0 || v > INT_MAX ? -1 : (int)v;
+		}
+		Py_DECREF(seq);
+		if (PyErr_Occurred())
+			return -1;
+		if (n < 1 || n > 256) {
+			PyErr_SetString(PyExc_ValueError, "fds: 1..256 descriptors");
+			return -1;
+		}
+		threads = nfds;
+	}
 	if (fo->f) {
 		PyErr_SetString(PyExc_RuntimeError, "Fuse already initialised");
 		return -1;
@@ -523,6 +639,15 @@ static int Fuse_init(FuseObject *fo, PyObject *args, PyObject *kw)
 	fo->f = zc_fuse_new(so->s, fd, name, threads, &err);
 	if (!fo->f) {
 		raise_errno(err ? err : -ENOMEM);
+		return -1;
+	}
+	if (nfds && (err = zc_fuse_set_fds(fo->f, fds, nfds)) != 0) {
+		zc_fuse_free(fo->f);
+		fo->f = NULL;
+		if (err == -EINVAL)
+			PyErr_SetString(PyExc_ValueError, "fds: bad descriptor");
+		else
+			raise_errno(err);
 		return -1;
 	}
 	Py_INCREF(store);
@@ -649,7 +774,11 @@ static PyObject *Fuse_stats(FuseObject *fo, PyObject *Py_UNUSED(ignored))
 			       PyLong_FromUnsignedLongLong(st->internal_errors)) ||
 		      set_item(d, "initialized", PyBool_FromLong(st->initialized)) ||
 		      set_item(d, "kernel_minor", PyLong_FromUnsignedLong(st->kernel_minor)) ||
-		      set_item(d, "io_flusher_failed", PyBool_FromLong(st->io_flusher_failed));
+		      set_item(d, "io_flusher_failed", PyBool_FromLong(st->io_flusher_failed)) ||
+		      set_item(d, "resumed", PyBool_FromLong(st->resumed)) ||
+		      set_item(d, "resend_error", PyLong_FromLong(st->resend_error)) ||
+		      set_item(d, "resent_requests",
+			       PyLong_FromUnsignedLongLong(st->resent_requests));
 	PyMem_Free(st);
 	Py_XDECREF(lat);
 	if (bad) {
@@ -678,6 +807,114 @@ static PyTypeObject FuseType = {
 	.tp_methods = Fuse_methods,
 };
 
+/* ---- Hold: the keeper's mapping of an arena ------------------------------------------------ */
+
+/* Hold(fd): the whole memfd mapped shared and locked on fault (mlock2 MLOCK_ONFAULT).  pin()
+ * faults in, read-only and without copying anything, the pages the arena has in memory
+ * (mincore), so they stay locked while no server maps them. */
+static int Hold_init(HoldObject *ho, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = {"fd", NULL};
+	struct stat st;
+	int fd;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "i", kwlist, &fd))
+		return -1;
+	if (ho->base) {
+		PyErr_SetString(PyExc_RuntimeError, "Hold already initialised");
+		return -1;
+	}
+	if (fstat(fd, &st) != 0 || st.st_size <= 0) {
+		PyErr_SetFromErrno(PyExc_OSError);
+		return -1;
+	}
+	void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED | MAP_NORESERVE, fd, 0);
+
+	if (p == MAP_FAILED) {
+		PyErr_SetFromErrno(PyExc_OSError);
+		return -1;
+	}
+	(void)mlock2(p, (size_t)st.st_size, MLOCK_ONFAULT); /* without CAP_IPC_LOCK: unlocked */
+	ho->base = p;
+	ho->size = (size_t)st.st_size;
+	return 0;
+}
+
+static uint64_t pin_resident(uint8_t *base, size_t size)
+{
+	const size_t chunk = (size_t)64 << 20;
+	unsigned char *vec = malloc(chunk / ZC_PAGE_SIZE);
+	uint64_t pinned = 0;
+
+	if (!vec)
+		return 0;
+	for (size_t off = 0; off < size; off += chunk) {
+		size_t len = size - off < chunk ? size - off : chunk, n = len / ZC_PAGE_SIZE, run = 0;
+
+		if (mincore(base + off, len, vec) != 0)
+			break;
+		for (size_t i = 0; i <= n; i++) {
+			if (i < n && (vec[i] & 1)) {
+				run++;
+				continue;
+			}
+			if (run && !madvise(base + off + (i - run) * ZC_PAGE_SIZE,
+					    run * ZC_PAGE_SIZE, MADV_POPULATE_READ))
+				pinned += run;
+			run = 0;
+		}
+	}
+	free(vec);
+	return pinned;
+}
+
+static PyObject *Hold_pin(HoldObject *ho, PyObject *Py_UNUSED(ignored))
+{
+	uint64_t n;
+
+	if (!ho->base) {
+		PyErr_SetString(PyExc_ValueError, "Hold is closed");
+		return NULL;
+	}
+	Py_BEGIN_ALLOW_THREADS
+	n = pin_resident(ho->base, ho->size);
+	Py_END_ALLOW_THREADS
+	return PyLong_FromUnsignedLongLong(n);
+}
+
+static PyObject *Hold_close(HoldObject *ho, PyObject *Py_UNUSED(ignored))
+{
+	if (ho->base)
+		munmap(ho->base, ho->size);
+	ho->base = NULL;
+	Py_RETURN_NONE;
+}
+
+static void Hold_dealloc(HoldObject *ho)
+{
+	if (ho->base)
+		munmap(ho->base, ho->size);
+	Py_TYPE(ho)->tp_free((PyObject *)ho);
+}
+
+static PyMethodDef Hold_methods[] = {
+	{"pin", (PyCFunction)Hold_pin, METH_NOARGS,
+	 "fault in (locked) the arena pages now in memory; returns how many"},
+	{"close", (PyCFunction)Hold_close, METH_NOARGS, "unmap"},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject HoldType = {
+	PyVarObject_HEAD_INIT(NULL, 0).tp_name = "zcached._core.Hold",
+	.tp_basicsize = sizeof(HoldObject),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_doc = "Hold(fd): an arena memfd mapped and locked by the keeper",
+	.tp_new = PyType_GenericNew,
+	.tp_init = (initproc)Hold_init,
+	.tp_dealloc = (destructor)Hold_dealloc,
+	.tp_methods = Hold_methods,
+};
+
 /* ---- module -------------------------------------------------------------------------------- */
 
 static struct PyModuleDef core_module = {
@@ -688,7 +925,8 @@ static struct PyModuleDef core_module = {
 
 PyMODINIT_FUNC PyInit__core(void)
 {
-	if (PyType_Ready(&StoreType) < 0 || PyType_Ready(&FuseType) < 0)
+	if (PyType_Ready(&StoreType) < 0 || PyType_Ready(&FuseType) < 0 ||
+	    PyType_Ready(&HoldType) < 0)
 		return NULL;
 	PyObject *m = PyModule_Create(&core_module);
 
@@ -696,6 +934,7 @@ PyMODINIT_FUNC PyInit__core(void)
 		return NULL;
 	if (PyModule_AddObjectRef(m, "Store", (PyObject *)&StoreType) ||
 	    PyModule_AddObjectRef(m, "Fuse", (PyObject *)&FuseType) ||
+	    PyModule_AddObjectRef(m, "Hold", (PyObject *)&HoldType) ||
 	    PyModule_AddIntConstant(m, "PAGE_SIZE", ZC_PAGE_SIZE) ||
 	    PyModule_AddIntConstant(m, "MAX_REQUEST", ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE)) {
 		Py_DECREF(m);

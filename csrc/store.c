@@ -11,20 +11,27 @@
  * ARENA LAYOUT (offsets from the memfd's start, all 4K aligned)
  *   0           struct zc_hdr: magic, version, geometry, configuration, the offsets below
  *   off_pte     u64 pte[npages]
- *   off_fill    u32 fill_hi[npages]
- *   off_ctx     struct zc_ctx_stats[ZC_MAX_CTX]: one slot of counters per live context
+ *   off_fill    u32 fill_hi[npages][2]
+ *   off_ctx     struct zc_ctx_stats[ZC_MAX_CTX]: slot 0 holds the counters of contexts that
+ *               ended (and of servers that died); slots 1.. one per live context
  *   off_xcf     the allocator's region (xcfmalloc.c: its metadata, then the pool pages)
  *
  * PAGE TABLE ENTRY  pte[p] = state << 62 | payload
  *   EMPTY      0                                    never written or discarded: zeros
- *   SAME       1 << 62 | fill low 32 bits           fill_hi[p] holds the high 32 bits
+ *   SAME       1 << 62 | sel << 32 | fill low 32    fill_hi[p][sel] holds the high 32 bits
  *   COMPRESSED 2 << 62 | handle << 32 | checksum    handle < 2^30; checksum of the page
  *   HUGE       3 << 62 | handle << 32 | checksum    the object is the raw page
+ *   A COMPRESSED entry with handle 0 is a lost page (POISON): recovery found it naming no valid
+ *   object; it reads as -EIO until written again.
  *
  * INVARIANTS
  *  S1 An entry is published by one atomic store, after its object is complete (and after its
- *     fill_hi for SAME); the object it replaces is freed after, by the thread that replaced it,
- *     outside the stripe locks.  A handle is in at most one entry, and freed exactly once.
+ *     fill word for SAME, written to the half the entry it replaces does not use, so a SAME
+ *     page is never torn); the object it replaces is freed after, by the thread that replaced
+ *     it, outside the stripe locks.  A handle is in at most one entry, and freed exactly once.
+ *     Hence at every instruction the page table names complete objects only: it is the truth,
+ *     and a process that dies leaves at worst orphans (objects no entry names), which recovery
+ *     frees.
  *  S2 A failed allocation (ENOSPC) leaves every page of the request as it was.
  *  S3 A write request is atomic with respect to other requests: its objects are all stored
  *     first, then committed under all its stripe locks at once.
@@ -38,6 +45,20 @@
  *  pages happen outside them (edge pages of unaligned writes and discards are merged under
  *  them).  Allocator locks are taken inside stripe locks, never the other way round.
  *  ctx_lock guards the context slots (taken when a context is made or freed, and by stats).
+ *  The locks live in the process (struct zc_store), never in the arena: a server that dies
+ *  holding one leaves nothing locked for the next.
+ *
+ * RECOVERY (zc_store_attach; the arena's previous user may have died at any instruction)
+ *  1. The header and layout are checked against what this version would lay out for the same
+ *     configuration; any difference refuses the arena (-EPROTO) rather than guessing.
+ *  2. Every object entry of the page table is offered to the allocator (xcf_recover_claim),
+ *     which checks the handle, its entry, the vpage, the slot, the pages and the object's own
+ *     back-reference; an entry that fails becomes POISON (counted in lost_pages: S1 means this
+ *     never happens after a crash, only after memory corruption).
+ *  3. xcf_recover_end rebuilds the allocator from the claimed objects alone; the rest of the
+ *     pool (orphans, half-made vpages, pages taken but not yet used) is freed.
+ *  4. The counters of every context that was live fold into slot 0, and the per-state page
+ *     counts are recounted from the table.
  */
 #include "store.h"
 
@@ -45,13 +66,14 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "arena.h"
 #include "codec.h"
 #include "xcfmalloc.h"
 
 #define ZC_MAGIC "ZCACHED1"
-#define ZC_VERSION 1u
+#define ZC_VERSION 2u
 #define ZC_NSTRIPES 64u
 #define ZC_STRIPE_SHIFT 6
 #define ZC_MAX_CTX 256u
@@ -62,6 +84,8 @@
 #define PTE_STATE(e) ((unsigned)((e) >> ST_SHIFT))
 #define PTE_HANDLE(e) ((uint32_t)((e) >> 32) & ZC_MAX_HANDLE)
 #define PTE_CSUM(e) ((uint32_t)(e))
+#define PTE_SEL(e) ((unsigned)((e) >> 32) & 1u)
+#define ZC_POISON ((uint64_t)ZC_COMPRESSED << ST_SHIFT)
 
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
 #define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
@@ -78,6 +102,8 @@ struct zc_hdr {
 	uint64_t mem_limit;
 	uint64_t off_pte, off_fill, off_ctx, off_xcf;
 	uint64_t pool_pages, max_handles, max_vpages;
+	uint64_t recoveries, lost_pages;
+	uint32_t front[ZC_FRONT_WORDS];
 };
 
 /* One context's counters; single writer (the context's thread), read by stats. */
@@ -99,7 +125,6 @@ struct zc_store {
 	struct zc_store_config cfg;
 	pthread_mutex_t stripes[ZC_NSTRIPES];
 	pthread_mutex_t ctx_lock;
-	struct zc_ctx_stats retired; /* counters of freed contexts (ctx_lock) */
 };
 
 /* An unaligned request of ZC_MAX_REQ_PAGES * 4096 bytes spans one page more. */
@@ -176,12 +201,23 @@ static uint64_t pte_object(unsigned state, uint32_t handle, uint32_t csum)
 	return (uint64_t)state << ST_SHIFT | (uint64_t)handle << 32 | csum;
 }
 
-/* Publish entry e for page p (S1: fill word first, then the entry in one store). */
+static uint32_t fill_of(struct zc_store *s, uint64_t p, uint64_t e)
+{
+	return RLOAD(s->fill[2 * p + PTE_SEL(e)]);
+}
+
+/* Publish entry e for page p (S1).  A SAME entry's fill word goes first, into the half the
+ * entry it replaces does not use; then the entry, in one store. */
 static uint64_t publish(struct zc_store *s, uint64_t p, uint64_t e, uint32_t fill_hi)
 {
 	uint64_t old = RLOAD(s->pte[p]);
 
-	STORE(s->fill[p], fill_hi);
+	if (PTE_STATE(e) == ZC_SAME) {
+		unsigned sel = PTE_STATE(old) == ZC_SAME ? PTE_SEL(old) ^ 1u : 0u;
+
+		STORE(s->fill[2 * p + sel], fill_hi);
+		e |= (uint64_t)sel << 32;
+	}
 	STORE(s->pte[p], e);
 	return old;
 }
@@ -225,7 +261,7 @@ static int snapshot(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t *at)
 	uint64_t e = RLOAD(s->pte[p]);
 
 	c->snap[i] = e;
-	c->snap_fill[i] = RLOAD(s->fill[p]);
+	c->snap_fill[i] = PTE_STATE(e) == ZC_SAME ? fill_of(s, p, e) : 0;
 	c->obj_len[i] = 0;
 	if (PTE_STATE(e) < ZC_COMPRESSED)
 		return 0;
@@ -419,7 +455,7 @@ static void clear_run(struct zc_ctx *c, uint64_t lo, uint64_t hi)
 	for (uint64_t p = lo; p < hi; p++) {
 		uint64_t e = RLOAD(s->pte[p]);
 
-		if (!e && !RLOAD(s->fill[p]))
+		if (!e)
 			continue;
 		publish(s, p, 0, 0);
 		count_state(c, e, 0);
@@ -434,7 +470,7 @@ static int is_zero_entry(struct zc_store *s, uint64_t p)
 {
 	uint64_t e = RLOAD(s->pte[p]);
 
-	return e == 0 || (PTE_STATE(e) == ZC_SAME && (uint32_t)e == 0 && RLOAD(s->fill[p]) == 0);
+	return e == 0 || (PTE_STATE(e) == ZC_SAME && (uint32_t)e == 0 && fill_of(s, p, e) == 0);
 }
 
 /* Zero the partial edge pages of a discard of [off, end): both under their stripe locks at
@@ -577,10 +613,10 @@ void zc_store_stats(struct zc_store *s, struct zc_store_stats *out)
 	struct zc_ctx_stats sum;
 	struct xcf_stats x;
 
+	memset(&sum, 0, sizeof(sum));
 	pthread_mutex_lock(&s->ctx_lock);
-	sum = s->retired;
 	for (unsigned i = 0; i < ZC_MAX_CTX; i++)
-		if (RLOAD(s->cstats[i].used))
+		if (i == 0 || RLOAD(s->cstats[i].used))
 			add_counters(&sum, &s->cstats[i]);
 	pthread_mutex_unlock(&s->ctx_lock);
 	xcf_stats(s->pool, &x);
@@ -602,12 +638,14 @@ void zc_store_stats(struct zc_store *s, struct zc_store_stats *out)
 	out->writes = sum.writes;
 	out->discards = sum.discards;
 	out->npages = s->npages;
-	out->table_bytes = s->npages * 12;
+	out->table_bytes = s->npages * 16;
 	out->objects = x.objects;
 	out->metadata_bytes = x.metadata_bytes + out->table_bytes + ZC_PAGE_SIZE +
 			      ZC_MAX_CTX * sizeof(struct zc_ctx_stats);
 	out->arena_bytes = s->arena.size;
 	out->vpages_to_global = x.vpages_to_global;
+	out->recoveries = RLOAD(s->hdr->recoveries);
+	out->lost_pages = RLOAD(s->hdr->lost_pages);
 }
 
 unsigned zc_store_fragmentation(struct zc_store *s, struct xcf_class_usage *out, unsigned n)
@@ -649,7 +687,7 @@ struct zc_ctx *zc_ctx_new(struct zc_store *s, int heap)
 	}
 	c->slot = -1;
 	pthread_mutex_lock(&s->ctx_lock);
-	for (unsigned i = 0; i < ZC_MAX_CTX; i++)
+	for (unsigned i = 1; i < ZC_MAX_CTX; i++)
 		if (!s->cstats[i].used) {
 			c->slot = (int)i;
 			memset(&s->cstats[i], 0, sizeof(s->cstats[i]));
@@ -673,7 +711,7 @@ void zc_ctx_free(struct zc_ctx *c)
 
 	if (c->slot >= 0) {
 		pthread_mutex_lock(&s->ctx_lock);
-		add_counters(&s->retired, c->st);
+		add_counters(&s->cstats[0], c->st);
 		STORE(c->st->used, 0);
 		pthread_mutex_unlock(&s->ctx_lock);
 	}
@@ -731,9 +769,45 @@ static void write_header(struct zc_store *s, const struct xcf_geometry *g)
 	h->max_vpages = g->max_vpages;
 }
 
+struct layout {
+	uint64_t pte, fill, ctx, xcf, end;
+};
+
+static void layout_of(uint64_t npages, const struct xcf_geometry *g, struct layout *l)
+{
+	l->pte = ZC_PAGE_SIZE;
+	l->fill = l->pte + align4k(npages * 8);
+	l->ctx = l->fill + align4k(npages * 8);
+	l->xcf = l->ctx + align4k(ZC_MAX_CTX * sizeof(struct zc_ctx_stats));
+	l->end = l->xcf + xcf_arena_bytes(g);
+}
+
+/* The process-side parts of a store over s->arena: pointers, locks. */
+static void store_bind(struct zc_store *s, const struct layout *l)
+{
+	s->hdr = ZC_ARENA_AT(&s->arena, 0, struct zc_hdr);
+	s->pte = ZC_ARENA_AT(&s->arena, l->pte, uint64_t);
+	s->fill = ZC_ARENA_AT(&s->arena, l->fill, uint32_t);
+	s->cstats = ZC_ARENA_AT(&s->arena, l->ctx, struct zc_ctx_stats);
+	for (unsigned i = 0; i < ZC_NSTRIPES; i++)
+		pthread_mutex_init(&s->stripes[i], NULL);
+	pthread_mutex_init(&s->ctx_lock, NULL);
+}
+
+static void store_free(struct zc_store *s)
+{
+	xcf_destroy(s->pool);
+	zc_arena_destroy(&s->arena);
+	for (unsigned i = 0; i < ZC_NSTRIPES; i++)
+		pthread_mutex_destroy(&s->stripes[i]);
+	pthread_mutex_destroy(&s->ctx_lock);
+	free(s);
+}
+
 struct zc_store *zc_store_open(const struct zc_store_config *cfg, int *err)
 {
 	struct xcf_geometry g;
+	struct layout l;
 	int rc = check_config(cfg);
 
 	*err = rc;
@@ -748,49 +822,160 @@ struct zc_store *zc_store_open(const struct zc_store_config *cfg, int *err)
 	s->npages = cfg->size >> ZC_PAGE_SHIFT;
 	s->arena.fd = -1;
 	geometry(cfg, &g);
-	uint64_t off_pte = ZC_PAGE_SIZE, off_fill = off_pte + align4k(s->npages * 8);
-	uint64_t off_ctx = off_fill + align4k(s->npages * 4);
-	uint64_t off_xcf = off_ctx + align4k(ZC_MAX_CTX * sizeof(struct zc_ctx_stats));
-
-	rc = zc_arena_create(&s->arena, off_xcf + xcf_arena_bytes(&g), "zcached-arena");
+	layout_of(s->npages, &g, &l);
+	rc = zc_arena_create(&s->arena, l.end, "zcached-arena");
 	if (rc) {
 		*err = rc;
 		free(s);
 		return NULL;
 	}
-	s->hdr = ZC_ARENA_AT(&s->arena, 0, struct zc_hdr);
-	s->pte = ZC_ARENA_AT(&s->arena, off_pte, uint64_t);
-	s->fill = ZC_ARENA_AT(&s->arena, off_fill, uint32_t);
-	s->cstats = ZC_ARENA_AT(&s->arena, off_ctx, struct zc_ctx_stats);
-	s->pool = xcf_create(&s->arena, off_xcf, &g,
+	store_bind(s, &l);
+	s->pool = xcf_create(&s->arena, l.xcf, &g,
 			     cfg->mem_limit ? cfg->mem_limit / ZC_PAGE_SIZE : XCF_NO_LIMIT, err);
 	if (!s->pool) {
+		store_free(s);
+		return NULL;
+	}
+	s->hdr->off_pte = l.pte;
+	s->hdr->off_fill = l.fill;
+	s->hdr->off_ctx = l.ctx;
+	s->hdr->off_xcf = l.xcf;
+	write_header(s, &g);
+	*err = 0;
+	return s;
+}
+
+/* ---- attaching (RECOVERY) ---------------------------------------------------------------- */
+
+/* The configuration in the header, if this version would lay out exactly this arena for it. */
+static int read_header(const struct zc_arena *a, struct zc_store_config *cfg, struct layout *l,
+		       struct xcf_geometry *g)
+{
+	const struct zc_hdr *h = ZC_ARENA_AT(a, 0, const struct zc_hdr);
+
+	if (a->size < ZC_PAGE_SIZE || memcmp(h->magic, ZC_MAGIC, 8) || h->version != ZC_VERSION ||
+	    h->hdr_bytes != sizeof(*h) || h->arena_bytes != a->size)
+		return -EPROTO;
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->size = h->size;
+	cfg->compressor = h->compressor;
+	cfg->level = h->level;
+	cfg->huge_threshold = h->huge_threshold;
+	cfg->heaps = h->heaps;
+	cfg->mem_limit = h->mem_limit;
+	if (check_config(cfg) || h->npages != cfg->size >> ZC_PAGE_SHIFT)
+		return -EPROTO;
+	geometry(cfg, g);
+	layout_of(h->npages, g, l);
+	if (l->end != a->size || h->off_pte != l->pte || h->off_fill != l->fill ||
+	    h->off_ctx != l->ctx || h->off_xcf != l->xcf || h->pool_pages != g->pool_pages ||
+	    h->max_handles != g->max_handles || h->max_vpages != g->max_vpages)
+		return -EPROTO;
+	return 0;
+}
+
+/* RECOVERY 2: offer every object entry to the allocator; poison those it refuses. */
+static void claim_objects(struct zc_store *s, struct zc_recovery *rep)
+{
+	for (uint64_t p = 0; p < s->npages; p++) {
+		uint64_t e = s->pte[p];
+		unsigned st = PTE_STATE(e);
+
+		if (e == 0)
+			continue;
+		rep->pages++;
+		if (st < ZC_COMPRESSED || e == ZC_POISON)
+			continue;
+		if (xcf_recover_claim(s->pool, PTE_HANDLE(e)) == 0) {
+			rep->objects++;
+		} else {
+			STORE(s->pte[p], ZC_POISON);
+			rep->lost_pages++;
+		}
+	}
+}
+
+/* RECOVERY 4: slot 0 takes every dead context's counters; page counts come from the table. */
+static void fold_counters(struct zc_store *s)
+{
+	struct zc_ctx_stats *sum = &s->cstats[0];
+
+	for (unsigned i = 1; i < ZC_MAX_CTX; i++) {
+		if (s->cstats[i].used)
+			add_counters(sum, &s->cstats[i]);
+		memset(&s->cstats[i], 0, sizeof(s->cstats[i]));
+	}
+	memset(sum->by_state, 0, sizeof(sum->by_state));
+	for (uint64_t p = 0; p < s->npages; p++)
+		sum->by_state[PTE_STATE(s->pte[p])]++;
+}
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+struct zc_store *zc_store_attach(int fd, struct zc_recovery *rep, int *err)
+{
+	struct zc_recovery local;
+	struct xcf_geometry g;
+	struct layout l;
+	uint64_t t0 = mono_ns();
+	uint64_t freed = 0;
+	struct zc_store *s = calloc(1, sizeof(*s));
+
+	if (!rep)
+		rep = &local;
+	memset(rep, 0, sizeof(*rep));
+	*err = -ENOMEM;
+	if (!s)
+		return NULL;
+	*err = zc_arena_attach(&s->arena, fd);
+	if (*err) {
+		free(s);
+		return NULL;
+	}
+	*err = read_header(&s->arena, &s->cfg, &l, &g);
+	if (*err) {
 		zc_arena_destroy(&s->arena);
 		free(s);
 		return NULL;
 	}
-	s->hdr->off_pte = off_pte;
-	s->hdr->off_fill = off_fill;
-	s->hdr->off_ctx = off_ctx;
-	s->hdr->off_xcf = off_xcf;
-	write_header(s, &g);
-	for (unsigned i = 0; i < ZC_NSTRIPES; i++)
-		pthread_mutex_init(&s->stripes[i], NULL);
-	pthread_mutex_init(&s->ctx_lock, NULL);
+	s->npages = s->cfg.size >> ZC_PAGE_SHIFT;
+	store_bind(s, &l);
+	s->pool = xcf_attach(&s->arena, l.xcf, &g, err);
+	if (!s->pool || (*err = xcf_recover_begin(s->pool)) != 0) {
+		store_free(s);
+		return NULL;
+	}
+	claim_objects(s, rep);
+	xcf_recover_end(s->pool, &rep->orphans, &freed);
+	rep->pages_freed = freed;
+	fold_counters(s);
+	s->hdr->recoveries++;
+	s->hdr->lost_pages += rep->lost_pages;
+	rep->ns = mono_ns() - t0;
 	*err = 0;
 	return s;
 }
 
 void zc_store_close(struct zc_store *s)
 {
-	if (!s)
-		return;
-	xcf_destroy(s->pool);
-	zc_arena_destroy(&s->arena);
-	for (unsigned i = 0; i < ZC_NSTRIPES; i++)
-		pthread_mutex_destroy(&s->stripes[i]);
-	pthread_mutex_destroy(&s->ctx_lock);
-	free(s);
+	if (s)
+		store_free(s);
+}
+
+uint32_t *zc_store_front(struct zc_store *s)
+{
+	return s->hdr->front;
+}
+
+void zc_store_get_config(const struct zc_store *s, struct zc_store_config *out)
+{
+	*out = s->cfg;
 }
 
 int zc_store_memfd(const struct zc_store *s)

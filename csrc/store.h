@@ -43,11 +43,38 @@ struct zc_store_stats {
 	uint64_t reads, writes, discards;
 	uint64_t pages_stored, npages, table_bytes;
 	uint64_t objects, metadata_bytes, arena_bytes, vpages_to_global;
+	uint64_t recoveries; /* times a server attached this arena (zc_store_attach) */
+	uint64_t lost_pages; /* entries recoveries found naming no valid object (read as -EIO) */
 };
+
+/* What one zc_store_attach found and did. */
+struct zc_recovery {
+	uint64_t pages;       /* page table entries in use (SAME, COMPRESSED or HUGE) */
+	uint64_t objects;     /* live objects kept: those an entry names */
+	uint64_t orphans;     /* objects no entry named (unfinished requests, moves): freed */
+	uint64_t lost_pages;  /* entries naming no valid object: poisoned, they read as -EIO */
+	uint64_t pages_freed; /* pool pages no kept object overlapped: given back */
+	uint64_t ns;          /* time the rebuild took */
+};
+
+#define ZC_FRONT_WORDS 16u
 
 /* Create a store in a new memfd arena.  On failure returns NULL and sets *err (-errno). */
 struct zc_store *zc_store_open(const struct zc_store_config *cfg, int *err);
+/* Open the store held in the arena memfd `fd`, made by zc_store_open in this or another
+ * process that may have died at any instruction.  Checks the header and layout, then rebuilds
+ * everything derived from the page table (the allocator's lists, groups, free pages and
+ * handles, and the page counters; see store.c, RECOVERY).  `fd` is duplicated: the caller
+ * keeps its own.  Only one store may have an arena open at a time (the caller's duty: the
+ * keeper starts a server only after the last one is gone).  NULL and *err on failure; *rep
+ * (may be NULL) gets the report. */
+struct zc_store *zc_store_attach(int fd, struct zc_recovery *rep, int *err);
 void zc_store_close(struct zc_store *s);
+/* ZC_FRONT_WORDS words in the arena header that the front end keeps across servers (FUSE:
+ * whether INIT was answered, and the kernel's minor version).  Zero in a new arena. */
+uint32_t *zc_store_front(struct zc_store *s);
+/* The configuration the store was made with (from its header, for an attached one). */
+void zc_store_get_config(const struct zc_store *s, struct zc_store_config *out);
 int zc_store_memfd(const struct zc_store *s);
 uint64_t zc_store_size(const struct zc_store *s);
 

@@ -34,6 +34,15 @@
  *  I4 every live slot's header names a handle whose entry names that slot.
  *  I5 the counters of each (class, heap) are the sums over its vpages.
  *
+ * CRASH CONSISTENCY (the process may die at any instruction; xcf_recover_* rebuild)
+ *  A handle entry is stored (release) only after its object's bytes and header are complete;
+ *  a move stores the new entry after the copy, and clears the old slot after.  So every entry
+ *  the caller's truth names is a complete object, and everything else recovery finds (a slot
+ *  whose entry names another place, a vpage or page taken and not yet used, handles in the
+ *  per-heap caches) is derived state, rebuilt from the claimed objects: live bitmaps, counts,
+ *  pfn arrays, fullness groups (every vpage goes to the global heap), free handles, vpages and
+ *  pages.  The locks are the process's own (calloc'd), never in the arena.
+ *
  * LOCKING
  *  lock[c][h] guards hc[c][h], every field of the vpages it owns and the handle entries of
  *  their objects.  To reach an object by handle: load its entry's vpage, load that vpage's
@@ -111,6 +120,10 @@ struct xcf_pool {
 	pthread_mutex_t glob_hlock, page_lock;
 	uint16_t size[XCF_NCLASSES], opv[XCF_NCLASSES];
 	uint8_t ppv[XCF_NCLASSES];
+	/* recovery only (xcf_recover_*): claimed handles, and the vpage owning each pool page */
+	uint64_t *claimed;
+	uint32_t *owner;
+	uint64_t nclaimed;
 };
 
 /* ---- small helpers ------------------------------------------------------------------------ */
@@ -1068,6 +1081,185 @@ int xcf_check(struct xcf_pool *p)
 	return rc;
 }
 
+/* ---- recovery ------------------------------------------------------------------------------ */
+
+static int test_bit64(const uint64_t *m, uint64_t i)
+{
+	return (int)(m[i >> 6] >> (i & 63) & 1);
+}
+
+int xcf_recover_begin(struct xcf_pool *p)
+{
+	struct xcf_shared *sh = p->sh;
+
+	free(p->claimed);
+	free(p->owner);
+	p->claimed = calloc(sh->max_handles / 64 + 1, sizeof(uint64_t));
+	p->owner = calloc(sh->pool_pages + 1, sizeof(uint32_t));
+	p->nclaimed = 0;
+	if (!p->claimed || !p->owner) {
+		free(p->claimed);
+		free(p->owner);
+		p->claimed = NULL;
+		p->owner = NULL;
+		return -ENOMEM;
+	}
+	for (uint32_t id = 1; id < sh->fresh_vp; id++) {
+		struct xcf_vpage *v = &p->vps[id];
+
+		memset(v->live, 0, sizeof(v->live));
+		v->inuse = 0;
+		v->bytes = 0;
+	}
+	return 0;
+}
+
+/* Whether slot s of vpage id (class c) has its pages, none of them claimed by another vpage. */
+static int slot_pages_ok(struct xcf_pool *p, uint32_t id, unsigned c, unsigned s)
+{
+	const struct xcf_vpage *v = &p->vps[id];
+	unsigned p0, p1;
+
+	slot_pages(p, c, s, &p0, &p1);
+	for (unsigned pg = p0; pg <= p1; pg++) {
+		uint32_t pfn = v->pfn[pg];
+
+		if (pfn == NO_PFN || pfn >= p->sh->fresh_pfn || (p->owner[pfn] && p->owner[pfn] != id))
+			return 0;
+	}
+	return 1;
+}
+
+int xcf_recover_claim(struct xcf_pool *p, uint32_t h)
+{
+	struct xcf_shared *sh = p->sh;
+
+	if (!p->claimed || h == 0 || h >= sh->fresh_handle || h >= sh->max_handles ||
+	    test_bit64(p->claimed, h))
+		return -EINVAL;
+	uint64_t e = p->handles[h];
+	uint32_t id = entry_vp(e), s = entry_slot(e), len = entry_len(e);
+
+	if (id == 0 || id >= sh->fresh_vp)
+		return -EINVAL;
+	struct xcf_vpage *v = &p->vps[id];
+	unsigned c = v->cls, p0, p1;
+
+	if (c >= XCF_NCLASSES || len == 0 || len > XCF_MAX_OBJECT || class_of(len) != c ||
+	    s >= p->opv[c] || bit_test(v, s) || !slot_pages_ok(p, id, c, s) ||
+	    slot_handle(p, v, c, s) != h)
+		return -EINVAL;
+	slot_pages(p, c, s, &p0, &p1);
+	for (unsigned pg = p0; pg <= p1; pg++)
+		p->owner[v->pfn[pg]] = id;
+	bit_set(v, s);
+	v->inuse++;
+	v->bytes += len;
+	p->claimed[h >> 6] |= 1ull << (h & 63);
+	p->nclaimed++;
+	return 0;
+}
+
+/* Unclaimed handles go to the global free list (ascending: low ones are taken first). */
+static uint64_t rebuild_handles(struct xcf_pool *p)
+{
+	struct xcf_shared *sh = p->sh;
+	uint64_t orphans = 0;
+
+	sh->free_handle = 0;
+	for (uint32_t h = (uint32_t)sh->fresh_handle; h-- > 1;) {
+		if (test_bit64(p->claimed, h))
+			continue;
+		if (entry_vp(p->handles[h]))
+			orphans++;
+		p->handles[h] = (uint64_t)sh->free_handle << 32;
+		sh->free_handle = h;
+	}
+	memset(p->hh, 0, (size_t)p->nheaps * sizeof(*p->hh));
+	return orphans;
+}
+
+/* A vpage with claimed objects keeps the pages they overlap and joins the global heap; one
+ * without is freed. */
+static void rebuild_vpages(struct xcf_pool *p)
+{
+	struct xcf_shared *sh = p->sh;
+
+	memset(p->hc, 0, (size_t)XCF_NCLASSES * (size_t)p->nheaps * sizeof(*p->hc));
+	sh->free_vp = 0;
+	for (uint32_t id = sh->fresh_vp; id-- > 1;) {
+		struct xcf_vpage *v = &p->vps[id];
+
+		v->prev = v->next = 0;
+		if (!v->inuse) {
+			v->cls = (uint16_t)UINT16_MAX;
+			v->next = sh->free_vp;
+			sh->free_vp = id;
+			continue;
+		}
+		unsigned c = v->cls;
+		struct xcf_hc *hc = hc_of(p, c, 0);
+
+		for (unsigned pg = 0; pg < XCF_MAX_PPV; pg++)
+			if (pg >= p->ppv[c] || !page_has_users(p, v, c, pg))
+				v->pfn[pg] = NO_PFN;
+		v->heap = 0;
+		hc->inuse += v->inuse;
+		hc->cap += p->opv[c];
+		hc->pages += vp_pages(v, p->ppv[c]);
+		hc->vpages++;
+		hc->requested += v->bytes;
+		vp_link(p, hc, id);
+	}
+}
+
+/* Pool pages no claimed object overlaps: punched (in runs) and listed free.  Returns the
+ * number in use. */
+static uint64_t rebuild_pages(struct xcf_pool *p)
+{
+	struct xcf_shared *sh = p->sh;
+	uint64_t used = 0, run = 0;
+
+	sh->nfree_pfn = 0;
+	for (uint64_t pfn = sh->fresh_pfn; pfn-- > 0;) {
+		if (p->owner[pfn]) {
+			used++;
+			continue;
+		}
+		p->freepfn[sh->nfree_pfn++] = (uint32_t)pfn;
+	}
+	for (uint64_t pfn = 0; pfn <= sh->fresh_pfn; pfn++) {
+		if (pfn < sh->fresh_pfn && !p->owner[pfn]) {
+			run++;
+			continue;
+		}
+		if (run)
+			zc_arena_punch(p->a, p->pool_off + (pfn - run) * XCF_PAGE, run * XCF_PAGE);
+		run = 0;
+	}
+	return used;
+}
+
+void xcf_recover_end(struct xcf_pool *p, uint64_t *orphans, uint64_t *freed)
+{
+	struct xcf_shared *sh = p->sh;
+	uint64_t before = sh->used_pages;
+
+	*orphans = rebuild_handles(p);
+	rebuild_vpages(p);
+	uint64_t used = rebuild_pages(p);
+
+	*freed = before > used ? before - used : 0;
+	sh->used_pages = used;
+	if (sh->used_max < used)
+		sh->used_max = used;
+	sh->objects = p->nclaimed;
+	free(p->claimed);
+	free(p->owner);
+	p->claimed = NULL;
+	p->owner = NULL;
+}
+
 /* ---- creation ------------------------------------------------------------------------------ */
 
 struct layout {
@@ -1112,18 +1304,18 @@ static int init_locks(struct xcf_pool *p)
 	return 0;
 }
 
-struct xcf_pool *xcf_create(struct zc_arena *a, uint64_t off, const struct xcf_geometry *g,
-			    uint64_t limit_pages, int *err)
+/* A pool object for geometry g at off (checked), its locks and class table; the arena's
+ * contents are not looked at.  NULL and *err. */
+static struct xcf_pool *pool_new(struct zc_arena *a, uint64_t off, const struct xcf_geometry *g,
+				 struct layout *l, int *err)
 {
-	struct layout l;
-
 	*err = -EINVAL;
 	if (g->heaps < 1 || g->heaps > XCF_MAX_HEAPS || g->max_handles < 2 ||
 	    g->max_handles > UINT32_MAX || g->max_vpages < 2 || g->max_vpages > UINT32_MAX ||
 	    g->pool_pages < 1 || g->pool_pages > UINT32_MAX || off % XCF_PAGE)
 		return NULL;
-	layout_of(g, off, &l);
-	if (l.end > a->size)
+	layout_of(g, off, l);
+	if (l->end > a->size)
 		return NULL;
 	struct xcf_pool *p = calloc(1, sizeof(*p));
 
@@ -1137,7 +1329,26 @@ struct xcf_pool *xcf_create(struct zc_arena *a, uint64_t off, const struct xcf_g
 		return NULL;
 	}
 	class_table(p);
-	struct xcf_shared *sh = ZC_ARENA_AT(a, off, struct xcf_shared);
+	p->sh = ZC_ARENA_AT(a, off, struct xcf_shared);
+	p->hc = ZC_ARENA_AT(a, l->hc, struct xcf_hc);
+	p->hh = ZC_ARENA_AT(a, l->hh, struct xcf_hh);
+	p->handles = ZC_ARENA_AT(a, l->handles, uint64_t);
+	p->vps = ZC_ARENA_AT(a, l->vpages, struct xcf_vpage);
+	p->freepfn = ZC_ARENA_AT(a, l->freepfn, uint32_t);
+	p->pool_off = l->pool;
+	*err = 0;
+	return p;
+}
+
+struct xcf_pool *xcf_create(struct zc_arena *a, uint64_t off, const struct xcf_geometry *g,
+			    uint64_t limit_pages, int *err)
+{
+	struct layout l;
+	struct xcf_pool *p = pool_new(a, off, g, &l, err);
+
+	if (!p)
+		return NULL;
+	struct xcf_shared *sh = p->sh;
 
 	memcpy(sh->magic, XCF_MAGIC, 8);
 	sh->version = 1;
@@ -1154,14 +1365,30 @@ struct xcf_pool *xcf_create(struct zc_arena *a, uint64_t off, const struct xcf_g
 	sh->limit_pages = limit_pages;
 	sh->fresh_vp = 1;
 	sh->fresh_handle = 1;
-	p->sh = sh;
-	p->hc = ZC_ARENA_AT(a, l.hc, struct xcf_hc);
-	p->hh = ZC_ARENA_AT(a, l.hh, struct xcf_hh);
-	p->handles = ZC_ARENA_AT(a, l.handles, uint64_t);
-	p->vps = ZC_ARENA_AT(a, l.vpages, struct xcf_vpage);
-	p->freepfn = ZC_ARENA_AT(a, l.freepfn, uint32_t);
-	p->pool_off = l.pool;
-	*err = 0;
+	return p;
+}
+
+struct xcf_pool *xcf_attach(struct zc_arena *a, uint64_t off, const struct xcf_geometry *g,
+			    int *err)
+{
+	struct layout l;
+	struct xcf_pool *p = pool_new(a, off, g, &l, err);
+
+	if (!p)
+		return NULL;
+	const struct xcf_shared *sh = p->sh;
+
+	if (memcmp(sh->magic, XCF_MAGIC, 8) || sh->version != 1 || sh->heaps != (uint32_t)g->heaps ||
+	    sh->pool_pages != g->pool_pages || sh->max_handles != g->max_handles ||
+	    sh->max_vpages != g->max_vpages || sh->off_hc != l.hc || sh->off_hh != l.hh ||
+	    sh->off_handles != l.handles || sh->off_vpages != l.vpages ||
+	    sh->off_freepfn != l.freepfn || sh->off_pool != l.pool ||
+	    sh->fresh_pfn > sh->pool_pages || sh->fresh_vp > sh->max_vpages || sh->fresh_vp < 1 ||
+	    sh->fresh_handle > sh->max_handles || sh->fresh_handle < 1) {
+		xcf_destroy(p);
+		*err = -EPROTO;
+		return NULL;
+	}
 	return p;
 }
 
@@ -1184,5 +1411,7 @@ void xcf_destroy(struct xcf_pool *p)
 			pthread_mutex_destroy(&p->hlocks[i]);
 	free(p->locks);
 	free(p->hlocks);
+	free(p->claimed);
+	free(p->owner);
 	free(p);
 }

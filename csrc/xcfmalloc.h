@@ -52,7 +52,23 @@ uint64_t xcf_arena_bytes(const struct xcf_geometry *g);
 /* Lay the allocator out at arena offset `off` (4K aligned).  NULL and *err on failure. */
 struct xcf_pool *xcf_create(struct zc_arena *a, uint64_t off, const struct xcf_geometry *g,
 			    uint64_t limit_pages, int *err);
+/* Use the allocator already laid out at `off` (another process made it, maybe died since):
+ * checks its header against g.  Its derived state is not trusted until a recovery (below)
+ * rebuilt it.  NULL and *err (-EPROTO: not this layout) on failure. */
+struct xcf_pool *xcf_attach(struct zc_arena *a, uint64_t off, const struct xcf_geometry *g,
+			    int *err);
 void xcf_destroy(struct xcf_pool *p);
+
+/* Recovery, single-threaded, before any other call: begin, claim every handle that the
+ * caller's truth (the page table) names, end.  A claim checks the handle's entry, vpage, slot,
+ * pages and the object's back-reference, and that no other claim holds them; 0, or -EINVAL
+ * (the caller must forget the handle), -ENOMEM from begin.  end rebuilds every list, group,
+ * counter, the free handles, vpages and pages from the claimed objects alone, frees (and
+ * punches) everything else, and fills *orphans (objects found but not claimed) and *freed
+ * (pool pages given back). */
+int xcf_recover_begin(struct xcf_pool *p);
+int xcf_recover_claim(struct xcf_pool *p, uint32_t handle);
+void xcf_recover_end(struct xcf_pool *p, uint64_t *orphans, uint64_t *freed);
 void xcf_set_limit(struct xcf_pool *p, uint64_t limit_pages);
 
 /* Store len (1..4096) bytes as a new object from heap `heap`; 0 and *handle, or -ENOSPC. */

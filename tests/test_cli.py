@@ -13,11 +13,12 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, free_port, release_under, run_cli, traces
+from conftest import HANG, Daemon, free_port, release_under, run_cli, traces
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mount(2), losetup, swapon")
 
@@ -157,11 +158,22 @@ def test_second_instance_is_refused_and_first_keeps_serving(
     assert first.terminate() == 0
 
 
+def wait_gone(pid: int) -> None:
+    """Until ``pid`` (not our child: the keeper's orphan, reaped by init) is gone."""
+    deadline = time.monotonic() + HANG
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_dead_mount_of_a_killed_daemon_is_named(
     daemon_factory: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     dead = daemon_factory("16M", "--no-swap").start()
-    dead.terminate(signal.SIGKILL)  # by its pid: leaves its FUSE mount behind, dead
+    server = dead.status()["server_pid"]
+    assert isinstance(server, int)
+    dead.terminate(signal.SIGKILL)  # the keeper, by its pid: its server serves on alone,
+    os.kill(server, signal.SIGKILL)  # until it dies too: the FUSE mount stays behind, dead
+    wait_gone(server)
     before = traces(str(dead.root))
     assert before["mounts"] == [str(dead.mountpoint)]
     p = run_cli(*base(tmp_path, mountpoint=str(dead.mountpoint)))

@@ -78,7 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compact", help="ask the running daemon to compact its pool now")
     c.add_argument("--config", metavar="FILE", help="read mountpoint from this config")
     c.add_argument("--mountpoint", metavar="DIR", help="the daemon's mountpoint")
+    u = sub.add_parser(
+        "upgrade", help="hand the live store to a server of the version installed now"
+    )
+    u.add_argument("--config", metavar="FILE", help="the new server's config (and mountpoint)")
+    u.add_argument("--mountpoint", metavar="DIR", help="the daemon's mountpoint")
+    u.add_argument("--metrics-listen", metavar="HOST:PORT", help="the new exporter address")
     return p
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    from zcached import daemon
+
+    try:
+        cfg = cfgmod.load(args.config, {"mountpoint": args.mountpoint})
+        if args.metrics_listen is not None:
+            cfgmod.parse_listen(args.metrics_listen, "--metrics-listen")
+        line = daemon.request_upgrade(cfg.mountpoint, args.config, args.metrics_listen)
+    except (cfgmod.ConfigError, daemon.DaemonError) as e:
+        return _die(str(e), 2 if isinstance(e, cfgmod.ConfigError) else 1)
+    except OSError as e:
+        return _die(f"cannot reach the daemon: {e.strerror or e}", 1)
+    print(f"zcached: {line}")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -111,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args)
     if args.cmd == "compact":
         return _compact(args)
+    if args.cmd == "upgrade":
+        return _upgrade(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="zcached: %(message)s",
@@ -132,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         return _die(str(e), 2)
     from zcached import daemon
     from zcached.fuse import MountError
+    from zcached.keeper import KeeperError, ServerArgs
     from zcached.swap import SwapError
 
+    server = ServerArgs(config=args.config, overrides=overrides, verbose=args.verbose)
     try:
-        return daemon.run(cfg)
-    except (daemon.DaemonError, MountError, SwapError) as e:
+        return daemon.run(cfg, server)
+    except (daemon.DaemonError, MountError, SwapError, KeeperError) as e:
         return _die(str(e), 1)
     except OSError as e:
         return _die(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}", 1)

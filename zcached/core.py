@@ -24,7 +24,7 @@ from zcached.store import StoreError, StoreStats
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CoreFuseServer", "CorePool", "CoreStore", "PoolStats"]
+__all__ = ["CoreFuseLoop", "CoreFuseServer", "CorePool", "CoreStore", "PoolStats"]
 
 
 @dataclass(frozen=True)
@@ -106,18 +106,45 @@ class CoreStore:
             raise ValueError(f"device size must be a positive multiple of {_core.PAGE_SIZE}")
         if mem_limit < 0:
             raise ValueError("mem_limit must be >= 0 (0 = no limit)")
-        self.size_bytes = size_bytes
-        self.npages = size_bytes // _core.PAGE_SIZE
-        self.compressor = compressor
-        self.core = _core.Store(
-            size_bytes,
-            compressor=compressor,
-            level=level,
-            mem_limit=mem_limit,
-            huge_threshold=huge_threshold,
-            heaps=heaps,
+        self._bind(
+            _core.Store(
+                size_bytes,
+                compressor=compressor,
+                level=level,
+                mem_limit=mem_limit,
+                huge_threshold=huge_threshold,
+                heaps=heaps,
+            )
         )
-        self.allocator = CorePool(self.core)
+
+    @classmethod
+    def wrap(cls, core: _core.Store) -> CoreStore:
+        """The interface over a store the caller already opened (or attached)."""
+        store = cls.__new__(cls)
+        store._bind(core)
+        return store
+
+    @classmethod
+    def attach(cls, memfd: int) -> CoreStore:
+        """The store held in the arena ``memfd`` (made by another process, which may have died
+        at any instruction), recovered: see :meth:`recovery`.  ValueError for an arena that is
+        not one of this version's; the descriptor stays the caller's."""
+        return cls.wrap(_core.Store(attach=memfd))
+
+    def _bind(self, core: _core.Store) -> None:
+        cfg = core.config()
+        self.core = core
+        self.size_bytes = int(cfg["size"])
+        self.npages = self.size_bytes // _core.PAGE_SIZE
+        self.compressor = str(cfg["compressor"])
+        self.heaps = int(cfg["heaps"])
+        self.allocator = CorePool(core)
+
+    def recovery(self) -> dict[str, int] | None:
+        """What :meth:`attach` found and did (pages, objects, orphans, lost_pages,
+        pages_freed, ns); None for a store made new."""
+        rec = self.core.recovery()
+        return None if rec is None else {k: int(v) for k, v in rec.items()}
 
     def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length, _core.MAX_REQUEST)
@@ -175,6 +202,74 @@ class CoreStore:
         self.core.close()
 
 
+def _loop_stats(loop: _core.Fuse) -> dict[str, object]:
+    """:meth:`FuseServer.stats` of the C workers' counters."""
+    st = loop.stats()
+    if list(st["latency_bounds_ns"]) != list(LATENCY_BOUNDS_NS):
+        raise RuntimeError("latency bounds of the C loop and zcached.fuse differ")
+    used = [op for op, n in enumerate(st["requests"]) if n]
+
+    def name(op: int) -> str:
+        return OPCODE_NAMES.get(op, f"OP{op}")
+
+    return {
+        "requests": {name(op): st["requests"][op] for op in used},
+        "errors": {name(op): st["errors"][op] for op in used if st["errors"][op]},
+        "bytes_read": st["bytes_read"],
+        "bytes_written": st["bytes_written"],
+        "bytes_discarded": st["bytes_discarded"],
+        "internal_errors": st["internal_errors"],
+        "resent_requests": st["resent_requests"],
+        "latency_bounds_ns": list(LATENCY_BOUNDS_NS),
+        "latency_buckets": {name(op): list(st["lat"][op]) for op in used},
+        "latency_sum_ns": {name(op): st["lat_sum_ns"][op] for op in used},
+    }
+
+
+class CoreFuseLoop:
+    """The C request loop on descriptors a keeper process holds (one worker each): the server
+    side of crash recovery and live upgrade.  It never mounts, unmounts or closes them.  On a
+    connection an earlier server initialised it resumes: FUSE_NOTIFY_RESEND first, so the
+    requests that server had taken are answered now (see csrc/fuse_loop.c)."""
+
+    def __init__(self, store: CoreStore, fds: list[int], *, file_name: str = "swap.img") -> None:
+        if not fds:
+            raise ValueError("no FUSE descriptors")
+        self._loop = _core.Fuse(store.core, fds[0], file_name, fds=fds)
+
+    @classmethod
+    def wrap(cls, loop: _core.Fuse) -> CoreFuseLoop:
+        """The interface over a loop the caller already made (and maybe started)."""
+        self = cls.__new__(cls)
+        self._loop = loop
+        return self
+
+    def start(self) -> None:
+        try:
+            self._loop.start()
+        except OSError as e:
+            raise MountError(f"FUSE workers: {e.strerror or e}") from None
+
+    def alive(self) -> bool:
+        """Whether any worker still serves (they end when the connection goes away)."""
+        return int(self._loop.join(0)) > 0
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self._loop.stats()["resumed"])
+
+    @property
+    def resend_error(self) -> int:
+        return int(self._loop.stats()["resend_error"])
+
+    @property
+    def io_flusher_failed(self) -> bool:
+        return bool(self._loop.stats()["io_flusher_failed"])
+
+    def stats(self) -> dict[str, object]:
+        return _loop_stats(self._loop)
+
+
 class CoreFuseServer(FuseServer):
     """:class:`FuseServer`'s mount and unmount, with the C request loop serving the file."""
 
@@ -219,22 +314,4 @@ class CoreFuseServer(FuseServer):
         """As :meth:`FuseServer.stats`, from the C workers' counters."""
         if self._loop is None:
             return super().stats()
-        st = self._loop.stats()
-        if list(st["latency_bounds_ns"]) != list(LATENCY_BOUNDS_NS):
-            raise RuntimeError("latency bounds of the C loop and zcached.fuse differ")
-        used = [op for op, n in enumerate(st["requests"]) if n]
-
-        def name(op: int) -> str:
-            return OPCODE_NAMES.get(op, f"OP{op}")
-
-        return {
-            "requests": {name(op): st["requests"][op] for op in used},
-            "errors": {name(op): st["errors"][op] for op in used if st["errors"][op]},
-            "bytes_read": st["bytes_read"],
-            "bytes_written": st["bytes_written"],
-            "bytes_discarded": st["bytes_discarded"],
-            "internal_errors": st["internal_errors"],
-            "latency_bounds_ns": list(LATENCY_BOUNDS_NS),
-            "latency_buckets": {name(op): list(st["lat"][op]) for op in used},
-            "latency_sum_ns": {name(op): st["lat_sum_ns"][op] for op in used},
-        }
+        return _loop_stats(self._loop)

@@ -25,79 +25,39 @@ safely under memory pressure; not being root is refused earlier (mount needs it 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import signal
 import socket
 import stat
-import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 
+from zcached import _core, keeper
 from zcached import swap as swapmod
-from zcached.compactor import CompactionPolicy, Compactor
-from zcached.config import Config
-from zcached.core import CoreFuseServer, CoreStore
-from zcached.metrics import start_exporter
+from zcached.compactor import CompactionPolicy
+from zcached.config import Config, ConfigError
+from zcached.config import load as cfgload
+from zcached.core import CoreStore
+from zcached.fuse import FuseMount, mounted_zcached
+from zcached.process import (
+    Signals,
+    lock_memory,
+    protect_from_oom,
+    set_io_flusher,
+)
 
 log = logging.getLogger("zcached")
 
-MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
-PR_SET_IO_FLUSHER = 57
-# 256 KiB stacks overflowed (segfault) under 1 MiB FUSE writes; MCL_ONFAULT locks only the
-# stack pages a thread really touches, so 1 MiB costs little.
-THREAD_STACK = 1 << 20
 LOCK_DIR = "/run/lock"
 
 
 class DaemonError(RuntimeError):
     """Start-up refused; the message is one human line."""
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def lock_memory() -> bool:
-    threading.stack_size(THREAD_STACK)  # before any thread starts: locked stacks stay small
-    if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
-        log.warning(
-            "mlockall failed: %s (daemon memory may be swapped out)",
-            os.strerror(ctypes.get_errno()),
-        )
-        return False
-    return True
-
-
-_flusher_warned = threading.Event()
-
-
-def set_io_flusher() -> bool:
-    """PR_SET_IO_FLUSHER on the calling thread (every daemon thread calls it); warns once."""
-    if _libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        level = logging.DEBUG if _flusher_warned.is_set() else logging.WARNING
-        _flusher_warned.set()
-        log.log(
-            level,
-            "prctl(PR_SET_IO_FLUSHER) failed on thread %s: %s (needs CAP_SYS_RESOURCE)",
-            threading.current_thread().name,
-            os.strerror(ctypes.get_errno()),
-        )
-        return False
-    return True
-
-
-def protect_from_oom() -> bool:
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("-1000")
-    except OSError as e:
-        log.warning("cannot set oom_score_adj -1000: %s", e.strerror)
-        return False
-    return True
 
 
 def sd_notify(state: str) -> bool:
@@ -202,6 +162,50 @@ def request_compaction(mountpoint: str) -> int:
     return pid
 
 
+def _read_state(path: str) -> dict[str, object]:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def request_upgrade(
+    mountpoint: str, config: str | None, metrics_listen: str | None, timeout: float = 120.0
+) -> str:
+    """``zcached upgrade``: ask the keeper on ``mountpoint`` to hand its live store to a new
+    server (the code installed now, optionally a new config file and metrics address), and wait
+    until that server serves.  Returns a line saying so; DaemonError if refused or late."""
+    pid = running_pid(mountpoint)
+    state = state_path(mountpoint)
+    before = _read_state(state)
+    request = upgrade_request_path(mountpoint)
+    doc = {"config": os.path.abspath(config) if config else None, "metrics_listen": metrics_listen}
+    with open(f"{request}.tmp", "w") as f:
+        json.dump(doc, f)
+    os.replace(f"{request}.tmp", request)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = _read_state(state)
+        if os.path.exists(request):
+            continue  # not taken yet
+        if now.get("last_upgrade_error"):
+            raise DaemonError(f"upgrade refused: {now['last_upgrade_error']}")
+        upgrades = now.get("upgrades", 0)
+        new_server = now.get("server_pid") not in (None, before.get("server_pid"))
+        more = isinstance(upgrades, int) and upgrades > int(str(before.get("upgrades", 0)))
+        if more and new_server:
+            return (
+                f"upgraded: server {before.get('server_pid')} -> {now['server_pid']}"
+                f" (generation {now.get('generation')}), serving again after"
+                f" {now.get('last_recovery_ms')} ms"
+            )
+    raise DaemonError(f"no new server within {timeout:.0f} s (see the keeper's log, pid {pid})")
+
+
 def check_mountpoint(mountpoint: str) -> None:
     """An existing directory, and not the dead mount a killed zcached leaves behind."""
     try:
@@ -217,6 +221,15 @@ def check_mountpoint(mountpoint: str) -> None:
         raise DaemonError(f"mountpoint {mountpoint}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise DaemonError(f"mountpoint {mountpoint}: not a directory")
+    if mounted_zcached(mountpoint):
+        try:  # statfs always asks the server; the stat above may be answered from the cache
+            os.statvfs(mountpoint)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise DaemonError(
+                    f"mountpoint {mountpoint}: a dead FUSE mount is still there (its daemon"
+                    f" died); swapoff/losetup -d its users and umount it first"
+                ) from None
 
 
 def preflight(cfg: Config) -> None:
@@ -234,31 +247,16 @@ def compaction_policy(cfg: Config) -> CompactionPolicy:
     )
 
 
-def _flusher_init() -> None:
-    set_io_flusher()
+def _make_arena(cfg: Config, nthreads: int) -> int:
+    """The live store's memfd arena, one Hoard heap per FUSE worker (keeper.make_arena)."""
 
+    def store() -> CoreStore:
+        return CoreStore(
+            cfg.size, compressor=cfg.compressor, level=cfg.level, mem_limit=cfg.mem_limit,
+            heaps=nthreads,
+        )  # fmt: skip
 
-def _open_store(cfg: Config, stack: contextlib.ExitStack, nthreads: int) -> CoreStore:
-    """The C page store, one Hoard heap per FUSE worker."""
-    store = CoreStore(
-        cfg.size, compressor=cfg.compressor, level=cfg.level, mem_limit=cfg.mem_limit,
-        heaps=nthreads,
-    )  # fmt: skip
-    stack.callback(store.close)
-    return store
-
-
-def _start_exporter(
-    cfg: Config, stack: contextlib.ExitStack, store: CoreStore, server: CoreFuseServer,
-    compactor: Compactor, info: dict[str, object],
-) -> None:  # fmt: skip
-    try:
-        exporter = start_exporter(
-            cfg.metrics_listen, store, fuse=server, compactor=compactor, info=lambda: info
-        )
-    except OSError as e:
-        raise DaemonError(f"metrics address {cfg.metrics_listen}: {e.strerror or e}") from None
-    stack.callback(exporter.close)
+    return keeper.make_arena(store)
 
 
 def _activate_swap(cfg: Config, stack: contextlib.ExitStack, image: str) -> str:
@@ -286,126 +284,105 @@ def _release_other_users(image: str, ours: str | None) -> None:
         log.warning("%s is still attached to %s: I/O errors after the unmount", dev, image)
 
 
-def _loop_of(info: dict[str, object]) -> str | None:
-    dev = info.get("loop_device")
-    return dev if isinstance(dev, str) else None
+def state_path(mountpoint: str) -> str:
+    """The keeper's state file (server pid, restarts, loop device), beside its lock."""
+    return lock_path(mountpoint)[: -len(".lock")] + ".json"
 
 
-def _serve(cfg: Config, stack: contextlib.ExitStack, stop: Signals) -> None:
-    """Enter every part on ``stack`` in order; return once ready (or when ``stop`` is set).
+def upgrade_request_path(mountpoint: str) -> str:
+    """Where ``zcached upgrade`` leaves its request before it sends SIGHUP."""
+    return state_path(mountpoint)[: -len(".json")] + ".upgrade"
 
-    Order: store, compactor, exporter (binding the port cannot fail after the mount), FUSE
-    mount and workers, then loop device + swapon."""
-    nthreads = cfg.worker_threads
-    store = _open_store(cfg, stack, nthreads)
-    pool = store.allocator
-    server = CoreFuseServer(store, cfg.mountpoint, cfg.size, threads=nthreads)
-    info: dict[str, object] = {
-        "algorithm": cfg.compressor,
-        "mountpoint": os.path.realpath(cfg.mountpoint),
-        "device": server.image_path,
-        "loop_device": None,
-        "swap_priority": cfg.swap_priority if cfg.swap else None,
-        "pid": os.getpid(),
-    }
-    compactor = Compactor(pool, compaction_policy(cfg), thread_init=_flusher_init)
-    compactor.start()
-    stack.callback(compactor.stop)
-    stop.on_compact(compactor.trigger)
-    _start_exporter(cfg, stack, store, server, compactor, info)
-    server.mount()
-    stack.callback(server.stop)
-    server.start()
-    if server.io_flusher_failed:
-        log.warning("prctl(PR_SET_IO_FLUSHER) failed in the FUSE workers (needs CAP_SYS_RESOURCE)")
-    stack.callback(lambda: _release_other_users(server.image_path, _loop_of(info)))
-    if stop.is_set():
+
+def _read_upgrade_request(state_file: str, current: keeper.ServerArgs) -> keeper.ServerArgs:
+    """The server arguments an upgrade asks for: ``current`` with the request's config file and
+    metrics address, if it left any (a plain SIGHUP, e.g. from systemd, changes neither)."""
+    path = state_file[: -len(".json")] + ".upgrade"
+    try:
+        with open(path) as f:
+            req = json.load(f)
+    except FileNotFoundError:
+        return current
+    except (OSError, ValueError) as e:
+        raise DaemonError(f"upgrade request {path}: {e}") from None
+    overrides = dict(current.overrides)
+    if req.get("metrics_listen"):
+        overrides["metrics_listen"] = req["metrics_listen"]
+    return keeper.ServerArgs(
+        config=req.get("config") or current.config, overrides=overrides, verbose=current.verbose
+    )
+
+
+def _upgrade(cfg: Config, sup: keeper.Supervisor, state: keeper.KeeperState) -> None:
+    """SIGHUP: check what the upgrade asks for, then hand the live store to a new server."""
+    request = state.path[: -len(".json")] + ".upgrade"
+    try:
+        args = _read_upgrade_request(state.path, sup.args)
+        new = cfgload(args.config, args.overrides)
+        if new.metrics_listen != cfg.metrics_listen:
+            check_listen(*new.metrics_addr)
+    except (DaemonError, ConfigError) as e:
+        log.error("upgrade refused: %s", e)
+        state.last_upgrade_error = str(e)
+        state.save()
+        with contextlib.suppress(OSError):
+            os.unlink(request)  # after the save: `zcached upgrade` reads the outcome then
         return
+    state.last_upgrade_error = None
+    state.save()
+    with contextlib.suppress(OSError):
+        os.unlink(request)
+    for key in ("size", "compressor", "level", "mem_limit", "mountpoint", "swap",
+                "swap_priority", "io_threads"):  # fmt: skip
+        if getattr(new, key) != getattr(cfg, key):
+            log.warning("upgrade: %s changed in the config: it takes a restart", key)
+    sup.upgrade(args)
+
+
+def _keep(
+    cfg: Config, stack: contextlib.ExitStack, stop: Signals, args: keeper.ServerArgs
+) -> tuple[keeper.Supervisor, keeper.KeeperState] | None:
+    """Enter every part on ``stack`` in order; return once ready (None if ``stop`` came first).
+
+    Order: arena (and the keeper's locked mapping of it), FUSE mount and one descriptor per
+    worker, the first server (it recovers the new arena, answers INIT, serves), then loop
+    device + swapon.  Unwinding: swapoff, losetup -d, unmount, stop the server, close."""
+    nthreads = cfg.worker_threads
+    state = keeper.KeeperState(state_path(cfg.mountpoint))  # before the mount: realpath stats
+    real = os.path.realpath(cfg.mountpoint)
+    arena_fd = _make_arena(cfg, nthreads)
+    stack.callback(os.close, arena_fd)
+    hold = _core.Hold(arena_fd)
+    stack.callback(hold.close)
+    mnt = FuseMount(cfg.mountpoint)
+    mnt.mount()
+    stack.callback(mnt.close)
+    fds = keeper.clone_fds(mnt, nthreads)
+    stack.callback(state.remove)
+    sup = keeper.Supervisor(arena_fd, fds, hold, state, args, real)
+    stack.callback(sup.stop)
+    sup.start(stop.is_set)
+    stack.callback(mnt.unmount)
+    image = os.path.join(mnt.mountpoint, "swap.img")
+    info: dict[str, str | None] = {"loop_device": None}
+    stack.callback(lambda: _release_other_users(image, info["loop_device"]))
+    stop.on_compact(lambda: sup.signal(signal.SIGUSR1))
+    stop.on_upgrade(lambda: _upgrade(cfg, sup, state))
+    if stop.is_set():
+        return None
     if not cfg.swap:
         log.info(
-            "ready: %s (%d bytes, no swap), metrics on %s",
-            server.image_path, cfg.size, cfg.metrics_listen,
+            "ready: %s (%d bytes, no swap), metrics on %s, server %s",
+            image, cfg.size, cfg.metrics_listen, state.server_pid,
         )  # fmt: skip
-        return
-    dev = info["loop_device"] = _activate_swap(cfg, stack, server.image_path)
+        return sup, state
+    dev = info["loop_device"] = state.loop_device = _activate_swap(cfg, stack, image)
+    state.save()
     log.info(
-        "ready: swap on %s (%s, %d bytes, priority %d), metrics on %s",
-        dev, server.image_path, cfg.size, cfg.swap_priority, cfg.metrics_listen,
+        "ready: swap on %s (%s, %d bytes, priority %d), metrics on %s, server %s",
+        dev, image, cfg.size, cfg.swap_priority, cfg.metrics_listen, state.server_pid,
     )  # fmt: skip
-
-
-STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-HANDLED_SIGNALS = STOP_SIGNALS | {signal.SIGUSR1}  # SIGUSR1: compaction request
-
-
-class Signals:
-    """SIGTERM / SIGINT (stop) and SIGUSR1 (compact now), taken synchronously: no handler runs.
-
-    :meth:`block` blocks them in the main thread before any thread starts, so every thread
-    inherits the mask and none can receive them; they stay pending until :meth:`take`, the one
-    place they are received (sigtimedwait, in the main thread: its wait loop and the start-up
-    checkpoints). Nothing can interrupt the teardown: signals that come during it stay pending
-    (a burst coalesces into one per number) and :meth:`drain` logs them. The first stop
-    signal stops the daemon; later ones are logged and change nothing. SIGUSR1 only calls the
-    compactor's ``trigger`` (sets a flag); before the compactor exists it is ignored."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None  # the stop signal, once one came
-        self._compact: Callable[[], None] | None = None
-
-    def block(self) -> None:
-        """Block the handled signals, and set them to SIG_IGN as well.
-
-        Blocked signals are never discarded by Linux, ignored or not (kernel/signal.c,
-        sig_ignored()), so :meth:`take` still receives every one.  The SIG_IGN is for the
-        commands the daemon runs (swap.py): they inherit it, so a signal sent to the daemon's
-        process group in the instant between their fork and their setsid (a storm of Ctrl-Cs
-        during swapoff) is dropped instead of killing a losetup or swapoff half-way."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        for signo in HANDLED_SIGNALS:
-            signal.signal(signo, signal.SIG_IGN)
-
-    def drain(self) -> None:
-        """Take (log) what is pending, compaction requests included: no compactor any more."""
-        self._compact = None
-        self.take(0)
-
-    def on_compact(self, trigger: Callable[[], None]) -> None:
-        self._compact = trigger
-
-    def is_set(self) -> bool:
-        """A stop signal came (takes the pending ones first, without waiting)."""
-        self.take(0)
-        return self.received is not None
-
-    def wait(self) -> None:
-        """Until a stop signal comes (SIGUSR1s are handled on the way)."""
-        while self.received is None:
-            self.take(None)
-
-    def take(self, timeout: float | None) -> None:
-        """Handle every pending signal, waiting up to ``timeout`` s (None: for ever) for one."""
-        if timeout is None:
-            info: signal.struct_siginfo | None = signal.sigwaitinfo(HANDLED_SIGNALS)
-        else:
-            info = signal.sigtimedwait(HANDLED_SIGNALS, timeout)
-        while info is not None:
-            self._handle(info.si_signo, info.si_pid)
-            info = signal.sigtimedwait(HANDLED_SIGNALS, 0)
-
-    def _handle(self, signo: int, pid: int) -> None:
-        name = signal.Signals(signo).name
-        if signo == signal.SIGUSR1:
-            if self._compact is None:
-                log.debug("SIGUSR1 from pid %d: no compactor (yet/any more), ignored", pid)
-            else:
-                log.debug("SIGUSR1 from pid %d: compaction requested", pid)
-                self._compact()
-        elif self.received is None:
-            self.received = signo
-            log.info("%s from pid %d", name, pid)
-        else:
-            log.info("%s from pid %d: already stopping, ignored", name, pid)
+    return sup, state
 
 
 def _swapoff_progress(dev: str) -> swapmod.Progress:
@@ -415,8 +392,10 @@ def _swapoff_progress(dev: str) -> swapmod.Progress:
     return report
 
 
-def run(cfg: Config) -> int:
-    """Run until SIGTERM/SIGINT. Raises DaemonError/MountError/SwapError on start-up failure.
+def run(cfg: Config, args: keeper.ServerArgs | None = None) -> int:
+    """Keep the service until SIGTERM/SIGINT (this process is the keeper; the server is its
+    child, ``args`` says how it is started).  Raises DaemonError/MountError/SwapError/
+    KeeperError on start-up failure.
 
     A stop signal during start-up ends it at the next step (see ``Signals``): it unwinds and
     returns 0 like a stop after ready. The handled signals stay blocked when it returns: the
@@ -424,6 +403,8 @@ def run(cfg: Config) -> int:
     a SIGTERM into exit 143."""
     signals = Signals()
     signals.block()  # before any thread starts: every thread inherits the mask
+    if args is None:
+        args = keeper.ServerArgs(config=None, overrides=config_overrides(cfg))
     try:
         preflight(cfg)
         with contextlib.ExitStack() as stack:
@@ -433,7 +414,7 @@ def run(cfg: Config) -> int:
             protect_from_oom()
             set_io_flusher()
             if not signals.is_set():
-                _serve(cfg, stack, signals)
+                _keep(cfg, stack, signals, args)
             if not signals.is_set():  # else a signal came during start-up: unwind at once
                 sd_notify("READY=1")
                 signals.wait()
@@ -444,3 +425,16 @@ def run(cfg: Config) -> int:
         return 0
     finally:
         signals.drain()
+
+
+def config_overrides(cfg: Config) -> dict[str, object]:
+    """A config as overrides: a server started with these and no file gets ``cfg`` again."""
+    c = cfg.compaction
+    return {
+        "size": cfg.size, "compressor": cfg.compressor, "level": cfg.level,
+        "mem_limit": cfg.mem_limit, "mountpoint": cfg.mountpoint, "swap": cfg.swap,
+        "swap_priority": cfg.swap_priority, "metrics_listen": cfg.metrics_listen,
+        "io_threads": cfg.io_threads,
+        "compaction": {"interval": c.interval, "fragmentation": c.fragmentation,
+                       "cpu_budget": c.cpu_budget},
+    }  # fmt: skip

@@ -88,7 +88,14 @@ from typing import Final, Protocol
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LATENCY_BOUNDS_NS", "OPCODE_NAMES", "BlockBackend", "FuseServer", "MountError"]
+__all__ = [
+    "LATENCY_BOUNDS_NS",
+    "OPCODE_NAMES",
+    "BlockBackend",
+    "FuseMount",
+    "FuseServer",
+    "MountError",
+]
 
 
 class MountError(Exception):
@@ -248,6 +255,115 @@ def _mounts_at(path: str) -> list[tuple[str, str]]:
     return found
 
 
+def mounted_zcached(path: str) -> bool:
+    """Whether a zcached FUSE file system is mounted on ``path`` (per mountinfo)."""
+    return any(t == "fuse.zcached" for t, _ in _mounts_at(os.path.abspath(path)))
+
+
+class FuseMount:
+    """A zcached FUSE mount: the /dev/fuse descriptor it is served on, its clones, unmounting
+    and aborting it.  It serves nothing: :class:`FuseServer` (or the C loop, through a keeper
+    process that holds these descriptors across servers) does."""
+
+    def __init__(self, mountpoint: str) -> None:
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.fd = -1
+        self.clones: list[int] = []
+        self.mounted = False
+        self.conn: str | None = None  # "major:minor" of the mount = fusectl connection
+
+    def mount(self) -> None:
+        """Open /dev/fuse and mount it on the mount point; MountError with one line if not."""
+        mp = self.mountpoint
+        if os.geteuid() != 0:
+            raise MountError("mounting the FUSE file system needs root")
+        if any(t == "fuse.zcached" for t, _ in _mounts_at(mp)):
+            try:
+                os.statvfs(mp)  # always asks the server (a stat may be answered from cache)
+            except OSError as e:
+                if e.errno == errno.ENOTCONN:
+                    raise MountError(
+                        f"{mp}: a dead zcached mount is still there (its daemon died);"
+                        f" swapoff/losetup -d its users and umount it first"
+                    ) from None
+            raise MountError(f"{mp}: a zcached file system is already mounted there")
+        try:
+            st = os.stat(mp)
+        except FileNotFoundError:
+            raise MountError(f"{mp}: mount point does not exist") from None
+        except OSError as e:
+            raise MountError(f"{mp}: cannot use as mount point: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise MountError(f"{mp}: mount point is not a directory")
+        try:
+            fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise MountError(f"cannot open /dev/fuse: {e.strerror}") from None
+        opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions"
+        libc = _libc()
+        rc = libc.mount(
+            b"zcached", os.fsencode(mp), b"fuse.zcached", MS_NOSUID | MS_NODEV, opts.encode()
+        )
+        if rc != 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise MountError(f"{mp}: mount failed: {os.strerror(err)}")
+        self.fd = fd
+        self.mounted = True
+        conns = [c for t, c in _mounts_at(mp) if t == "fuse.zcached"]
+        self.conn = conns[-1] if conns else None
+
+    def clone(self) -> int:
+        """A FUSE_DEV_IOC_CLONE'd descriptor of the session (its own processing queue); kept
+        in ``clones`` and closed by :meth:`close`.  OSError if the kernel refuses."""
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, FUSE_DEV_IOC_CLONE, struct.pack("I", self.fd))
+        except OSError:
+            os.close(fd)
+            raise
+        self.clones.append(fd)
+        return fd
+
+    def unmount(self) -> None:
+        """umount, lazily if busy; a mount already gone is fine."""
+        libc = _libc()
+        mp = os.fsencode(self.mountpoint)
+        if libc.umount2(mp, 0) != 0:
+            err = ctypes.get_errno()
+            if err != errno.EINVAL and libc.umount2(mp, MNT_DETACH) != 0:
+                err = ctypes.get_errno()
+                if err != errno.EINVAL:
+                    log.warning("umount %s: %s", self.mountpoint, os.strerror(err))
+        self.mounted = False
+
+    def abort(self) -> None:
+        """Abort the connection through fusectl (wakes workers blocked in read with ENODEV)."""
+        if self.conn is None:
+            return
+        major, minor = (int(x) for x in self.conn.split(":"))
+        ctl = "/sys/fs/fuse/connections"
+        path = f"{ctl}/{os.makedev(major, minor)}/abort"
+        if not os.path.exists(path) and os.path.isdir(ctl):
+            # fusectl not mounted (systemd usually does it): mount it, as fusermount -u would
+            # need it too.  Harmless if it races with another mounter.
+            _libc().mount(b"fusectl", ctl.encode(), b"fusectl", 0, None)
+        try:
+            with open(path, "w") as f:
+                f.write("1")
+        except OSError as e:
+            log.warning("cannot abort FUSE connection %s: %s", self.conn, e)
+
+    def close(self) -> None:
+        """Close the descriptors (after :meth:`unmount`: the connection then goes away)."""
+        for fd in [self.fd, *self.clones]:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = -1
+        self.clones = []
+
+
 class FuseServer:
     """Serve ``backend`` as ``mountpoint/file_name`` (``size`` bytes) until :meth:`stop`."""
 
@@ -282,6 +398,7 @@ class FuseServer:
         self._mounted = False
         self._conn: str | None = None  # "major:minor" of the mount = fusectl connection
         self._lock = threading.Lock()  # serialises mount/start/stop
+        self._mnt = FuseMount(self.mountpoint)
         self._init_errors: list[BaseException] = []
         self.initialized = threading.Event()  # set once FUSE_INIT has been answered
         now = int(time.time())
@@ -320,47 +437,13 @@ class FuseServer:
     def mount(self) -> None:
         """Open /dev/fuse and mount it on the mount point; MountError with one line if not."""
         with self._lock:
-            if self._mounted:
+            if self._mnt.mounted:
                 raise MountError(f"{self.mountpoint}: already mounted by this server")
-            mp = self.mountpoint
-            if os.geteuid() != 0:
-                raise MountError("mounting the FUSE file system needs root")
-            if any(t == "fuse.zcached" for t, _ in _mounts_at(mp)):
-                try:
-                    os.stat(mp)
-                except OSError as e:
-                    if e.errno == errno.ENOTCONN:
-                        raise MountError(
-                            f"{mp}: a dead zcached mount is still there (its daemon died);"
-                            f" swapoff/losetup -d its users and umount it first"
-                        ) from None
-                raise MountError(f"{mp}: a zcached file system is already mounted there")
-            try:
-                st = os.stat(mp)
-            except FileNotFoundError:
-                raise MountError(f"{mp}: mount point does not exist") from None
-            except OSError as e:
-                raise MountError(f"{mp}: cannot use as mount point: {e.strerror}") from None
-            if not stat.S_ISDIR(st.st_mode):
-                raise MountError(f"{mp}: mount point is not a directory")
-            try:
-                fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-            except OSError as e:
-                raise MountError(f"cannot open /dev/fuse: {e.strerror}") from None
-            opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions"
-            libc = _libc()
-            rc = libc.mount(
-                b"zcached", os.fsencode(mp), b"fuse.zcached", MS_NOSUID | MS_NODEV, opts.encode()
-            )
-            if rc != 0:
-                err = ctypes.get_errno()
-                os.close(fd)
-                raise MountError(f"{mp}: mount failed: {os.strerror(err)}")
-            self._fd = fd
-            self._fds = [fd]
+            self._mnt.mount()
+            self._fd = self._mnt.fd
+            self._fds = [self._mnt.fd]
             self._mounted = True
-            conns = [c for t, c in _mounts_at(mp) if t == "fuse.zcached"]
-            self._conn = conns[-1] if conns else None
+            self._conn = self._mnt.conn
 
     def start(self) -> None:
         """Start the worker threads; each runs ``thread_init`` first.  Raises MountError if a
@@ -393,13 +476,8 @@ class FuseServer:
         """A FUSE_DEV_IOC_CLONE'd descriptor of the session (own reply queue), or the main one
         if the kernel refuses."""
         try:
-            fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+            fd = self._mnt.clone()
         except OSError:
-            return self._fd
-        try:
-            fcntl.ioctl(fd, FUSE_DEV_IOC_CLONE, struct.pack("I", self._fd))
-        except OSError:
-            os.close(fd)
             return self._fd
         self._fds.append(fd)
         return fd
@@ -408,14 +486,7 @@ class FuseServer:
         """Unmount (lazily if busy), end the workers, close the descriptors.  Idempotent."""
         with self._lock:
             if self._mounted:
-                libc = _libc()
-                mp = os.fsencode(self.mountpoint)
-                if libc.umount2(mp, 0) != 0:
-                    err = ctypes.get_errno()
-                    if err != errno.EINVAL and libc.umount2(mp, MNT_DETACH) != 0:
-                        err = ctypes.get_errno()
-                        if err != errno.EINVAL:
-                            log.warning("umount %s: %s", self.mountpoint, os.strerror(err))
+                self._mnt.unmount()
                 self._mounted = False
             if self._workers_alive(2.0):
                 # Still in use (lazily detached): the kernel keeps the connection until the
@@ -427,9 +498,7 @@ class FuseServer:
                 log.warning("FUSE worker threads did not end; leaving their descriptors open")
                 return
             self._release_workers()
-            for fd in self._fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self._mnt.close()
             self._fds = []
             self._fd = -1
 
@@ -446,20 +515,7 @@ class FuseServer:
 
     def _abort_connection(self) -> None:
         """Abort the connection through fusectl (wakes workers blocked in read with ENODEV)."""
-        if self._conn is None:
-            return
-        major, minor = (int(x) for x in self._conn.split(":"))
-        ctl = "/sys/fs/fuse/connections"
-        path = f"{ctl}/{os.makedev(major, minor)}/abort"
-        if not os.path.exists(path) and os.path.isdir(ctl):
-            # fusectl not mounted (systemd usually does it): mount it, as fusermount -u would
-            # need it too.  Harmless if it races with another mounter.
-            _libc().mount(b"fusectl", ctl.encode(), b"fusectl", 0, None)
-        try:
-            with open(path, "w") as f:
-                f.write("1")
-        except OSError as e:
-            log.warning("cannot abort FUSE connection %s: %s", self._conn, e)
+        self._mnt.abort()
 
     # ---- statistics --------------------------------------------------------------------------
 
