@@ -144,6 +144,10 @@ def test_server_killed_under_io_loses_nothing(daemon_factory: Callable[..., Daem
     assert isinstance(rec, dict) and rec["lost_pages"] == 0 and rec["pages"] > 0
     m = d.metrics()
     assert m["zcached_failed_reads_total"] == 0 and m["zcached_failed_writes_total"] == 0
+    assert m["zcached_server_restarts_total"] == 3 and m["zcached_server_upgrades_total"] == 0
+    assert m["zcached_store_recoveries_total"] == 4  # every server attached the same store
+    assert m["zcached_lost_pages_total"] == 0
+    assert 0 < m["zcached_last_recovery_seconds"] < 30
     assert "resumed the connection" in d.log()
     assert len(recoveries_ms(d.log())) == 3
     assert d.terminate() == 0, d.log()

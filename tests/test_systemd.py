@@ -67,6 +67,7 @@ def test_make_install_puts_everything_in_place(installed: dict[str, Path]) -> No
     assert conf.read_text() == (ROOT / "config" / "zcached.toml").read_text()
     unit = _unit(installed["UNITDIR"] / "zcached.service")
     assert unit["ExecStart"] == [f"{exe} run --config {conf}"]
+    assert unit["ExecReload"] == [f"{exe} upgrade --config {conf}"]
     # the installed console script really runs (no daemon: one line, exit 1)
     p = subprocess.run(
         [str(exe), "status", "--metrics-listen", "127.0.0.1:1"], capture_output=True, text=True

@@ -366,7 +366,7 @@ def _keep(
     image = os.path.join(mnt.mountpoint, "swap.img")
     info: dict[str, str | None] = {"loop_device": None}
     stack.callback(lambda: _release_other_users(image, info["loop_device"]))
-    stop.on_compact(lambda: sup.signal(signal.SIGUSR1))
+    stop.on_compact(sup.request_compaction)
     stop.on_upgrade(lambda: _upgrade(cfg, sup, state))
     if stop.is_set():
         return None

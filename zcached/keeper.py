@@ -47,6 +47,7 @@ STOP_TIMEOUT = 10.0  # SIGTERM to a server, then SIGKILL
 PIN_INTERVAL = 5.0
 FAST_DEATH = 1.0  # a server dying sooner than this after its start counts as a crash loop
 MAX_PAUSE = 5.0
+COMPACT_COALESCE = 1.0  # seconds: compaction requests closer than this are one
 
 
 class KeeperError(RuntimeError):
@@ -108,6 +109,7 @@ class Supervisor:
         self._upgrade: ServerArgs | None = None
         self._thread: threading.Thread | None = None
         self._died_at: float | None = None  # when the server we did not stop was seen dead
+        self._last_compact = -COMPACT_COALESCE
 
     # ---- the first server ----------------------------------------------------------------
 
@@ -133,6 +135,17 @@ class Supervisor:
         self._thread.start()
 
     # ---- requests from the main thread ---------------------------------------------------
+
+    def request_compaction(self) -> None:
+        """SIGUSR1 to the server, at most once a second: a storm of requests is one run (the
+        server's compactor coalesces what comes while it runs, the keeper what comes faster
+        than a run can start)."""
+        now = time.monotonic()
+        if now - self._last_compact < COMPACT_COALESCE:
+            log.debug("compaction request coalesced with the one before")
+            return
+        self._last_compact = now
+        self.signal(signal.SIGUSR1)
 
     def signal(self, signo: int) -> None:
         with self._lock:

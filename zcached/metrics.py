@@ -100,6 +100,8 @@ class ZcachedCollector(Collector):
         yield c("zcached_failed_writes", "Failed write requests.", value=s.failed_writes)
         yield c("zcached_checksum_errors", "Pages failing verification.", value=s.checksum_errors)
 
+        yield from self._survival(getattr(self.store, "raw_stats", None))
+
         alloc = getattr(self.store, "allocator", None)
         if alloc is not None:
             pool = g("zcached_class_pool_bytes", "Pool bytes per size class.", labels=["size"])
@@ -112,8 +114,16 @@ class ZcachedCollector(Collector):
             yield pool
             yield req
 
+        resent = 0
         if self.fuse is not None:
-            yield from self._latency(self.fuse.stats())
+            fs = self.fuse.stats()
+            resent = int(fs.get("resent_requests", 0))
+            yield from self._latency(fs)
+        yield c(
+            "zcached_fuse_resent_requests",
+            "Requests a dead server had taken, sent again by the kernel to its successor.",
+            value=resent,
+        )
 
         if self.compactor is not None:
             yield c("zcached_compaction_runs", "Compaction runs.", value=self.compactor.runs)
@@ -131,6 +141,36 @@ class ZcachedCollector(Collector):
         build = InfoMetricFamily("zcached_build", "Build information.")
         build.add_metric([], {"version": _VERSION})
         yield build
+
+    def _survival(self, raw_stats: Callable[[], Mapping[str, int]] | None) -> Iterable[Metric]:
+        """Crash recovery: the store's recoveries and lost pages (the C store's counters; the
+        model never recovers), the keeper's restarts, upgrades and last pause (from info)."""
+        raw = raw_stats() if raw_stats is not None else {}
+        info = self.info() if self.info is not None else {}
+
+        def num(key: str) -> float:
+            v = info.get(key)
+            return float(v) if isinstance(v, (int, float)) else 0.0
+
+        c = CounterMetricFamily
+        yield c(
+            "zcached_store_recoveries",
+            "Times a server attached the live store and rebuilt it.",
+            value=raw.get("recoveries", 0),
+        )
+        yield c(
+            "zcached_lost_pages",
+            "Pages a recovery found naming no valid object (they read as EIO); should be 0.",
+            value=raw.get("lost_pages", 0),
+        )
+        yield c("zcached_server_restarts", "Server deaths the keeper recovered from.",
+                value=num("restarts"))  # fmt: skip
+        yield c("zcached_server_upgrades", "Live upgrades.", value=num("upgrades"))
+        yield GaugeMetricFamily(
+            "zcached_last_recovery_seconds",
+            "Pause of the last restart or upgrade: old server gone to new one serving.",
+            value=num("last_recovery_ms") / 1000,
+        )
 
     @staticmethod
     def _latency(fs: Mapping[str, Any]) -> Iterable[Metric]:
