@@ -56,7 +56,7 @@ def zram_dev(size: int) -> Iterator[tuple[str, Mem]]:
 @contextlib.contextmanager
 def daemon_loop(size: int) -> Iterator[tuple[str, Mem]]:
     """The real daemon (``zcached run --no-swap``) and a loop device (direct I/O) on its file."""
-    from bench.swap_bench import Daemon, cpu_seconds, vm_rss
+    from bench.swap_bench import Daemon, cpu_seconds, pss
 
     with tempfile.TemporaryDirectory(prefix="zcached-iobench-") as tmp:
         d = Daemon(size, tmp, swap=False)
@@ -64,16 +64,16 @@ def daemon_loop(size: int) -> Iterator[tuple[str, Mem]]:
         try:
             d.start()
             assert d.proc is not None
-            pid = d.proc.pid
-            rss0, cpu0 = vm_rss(pid), cpu_seconds(pid)
+            pids = [d.proc.pid, int(d.status()["server_pid"])]  # the keeper and its server
+            rss0, cpu0 = pss(pids), cpu_seconds(pids)
             loop = _losetup(d.device)
 
             def mem() -> dict[str, Any]:
                 st = d.status()
                 out = {k: st.get(k) for k in ("orig_data_size", "compr_data_size")}
                 out["mem_used_total"] = st.get("mem_used_total")
-                out["daemon_rss_growth_bytes"] = vm_rss(pid) - rss0
-                out["daemon_cpu_s"] = round(cpu_seconds(pid) - cpu0, 2)
+                out["daemon_rss_growth_bytes"] = pss(pids) - rss0
+                out["daemon_cpu_s"] = round(cpu_seconds(pids) - cpu0, 2)
                 return out
 
             yield loop, mem

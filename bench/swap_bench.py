@@ -21,8 +21,10 @@ dirties every page and swap sees writes as well as reads).
 Figures per backend: wall time of the fill and of the passes (measured in the child; the parent
 pauses the child between them only to read memory), the child's major faults (/proc/self/stat)
 and the cgroup's (memory.stat total_pgmajfault), swap used (/proc/swaps) and memory after the
-fill: zcached's status ``mem_used_total`` and its daemon's VmRSS growth, zram's mm_stat
-``mem_used_total`` -- and the ratios zcached / zram.
+fill: zcached's status ``mem_used_total`` and its daemon's memory growth, zram's mm_stat
+``mem_used_total`` -- and the ratios zcached / zram.  The daemon is two processes, the keeper
+(``zcached run``) and its server, sharing the arena: its memory is the sum of their Pss (each
+shared page counted once in all), its CPU the sum of theirs.
 """
 
 from __future__ import annotations
@@ -132,18 +134,25 @@ def swap_used(dev: str) -> int:
     return 0
 
 
-def vm_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for ln in f:
-            if ln.startswith("VmRSS:"):
-                return int(ln.split()[1]) * 1024
-    return 0
+def pss(pids: list[int]) -> int:
+    """Bytes of memory of these processes, each page shared between them counted once
+    (the sum of their Pss, /proc/PID/smaps_rollup)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for ln in f:
+                if ln.startswith("Pss:"):
+                    total += int(ln.split()[1]) * 1024
+    return total
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def memory_stat(cg: Path) -> dict[str, int]:
@@ -356,8 +365,8 @@ def zcached_swap(size: int) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]
         try:
             d.start()
             assert d.proc is not None
-            pid = d.proc.pid
-            rss0, cpu0 = vm_rss(pid), cpu_seconds(pid)
+            pids = [d.proc.pid, int(d.status()["server_pid"])]  # the keeper and its server
+            rss0, cpu0 = pss(pids), cpu_seconds(pids)
 
             def mem() -> dict[str, Any]:
                 st = d.status()
@@ -366,9 +375,9 @@ def zcached_swap(size: int) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]
                     "orig_data_size": st.get("orig_data_size"),
                     "compr_data_size": st.get("compr_data_size"),
                     "mem_used_total": st.get("mem_used_total"),
-                    "daemon_rss_growth_bytes": vm_rss(pid) - rss0,
+                    "daemon_rss_growth_bytes": pss(pids) - rss0,
                     "daemon_rss_idle_bytes": rss0,
-                    "daemon_cpu_s": round(cpu_seconds(pid) - cpu0, 2),
+                    "daemon_cpu_s": round(cpu_seconds(pids) - cpu0, 2),
                     "daemon": d.counters(),
                 }
 
