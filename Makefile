@@ -5,7 +5,7 @@ PY       := $(VENV)/bin/python
 # The C core links liblz4, libzstd and libxxhash; clang and its runtimes build the sanitizer
 # and libFuzzer targets that `make test` runs; valgrind counts instructions for the bench.
 DEB_PKGS := fuse3 libfuse3-dev pkg-config fio util-linux prometheus \
-            gcc liblz4-dev libzstd-dev libxxhash-dev clang libclang-rt-14-dev valgrind
+            gcc liblz4-dev libzstd-dev libxxhash-dev clang libclang-rt-14-dev valgrind strace
 STAMP    := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit bench deps venv core install uninstall clean

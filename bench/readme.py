@@ -209,7 +209,8 @@ def recovery_rows(doc: dict[str, Any]) -> list[str]:
     rebuild = _get(rec.result, "rebuild") if rec.ok else None
     start = rec.value("server_start_ms")
     rows = []
-    for size in rebuild if isinstance(rebuild, dict) else []:
+    sizes = list(rebuild) if isinstance(rebuild, dict) else []
+    for size in sorted(sizes, key=lambda k: rec.value(f"rebuild.{k}.pool_mib") or 0):
         ms = rec.value(f"rebuild.{size}.rebuild_ms")
         pool = rec.value(f"rebuild.{size}.pool_mib")
         total = f"{ms + start:.0f} ms" if ms is not None and start is not None else MISSING

@@ -28,17 +28,39 @@
  *  is published by one atomic store, so a request cut by the kill may have taken effect on
  *  some of its pages and not on others; each page must still be one or the other.
  *
+ * THE CRASH POINTS (--points, only in a build with -DZC_CRASH_POINTS; see csrc/crashpoint.h)
+ *  A random SIGKILL almost never lands in the few instructions between two stores that
+ *  matter, so in this mode the child dies at the library's marked instructions instead: round
+ *  r targets point POINTS[r % NPOINTS] (round-robin over all of them, or one named point) and
+ *  a countdown n (log-uniform in 1..2048 or more, see pick_countdown; or a given n).
+ *  zc_crash_point() counts every point's hits across the child's threads (in the shared log,
+ *  so the parent sees them) and, on the n-th hit of the target, calls _exit(77) there and
+ *  then: the whole process ends mid-operation, as in a crash, with the other threads
+ *  wherever they are.  The parent does not kill (only after POINT_TIMEOUT_MS, a hang, counted
+ *  apart); a child that finishes its POINT_OPS operations per writer first exits 0 (the point
+ *  was not reached n times: a clean round).  Either way the parent recovers and checks
+ *  exactly as above.  The run fails (exit 1) if any point never crashed a child in the whole
+ *  run: the workload must reach them all (SAME over SAME on the version pages p % 8 == 0,
+ *  multi-page writes, discards, the compactor's moves, frees that empty pool pages; new
+ *  vpages and handle refills, which every attach makes likely again: it gives the handle
+ *  caches back).
+ *
  * Exit status: 0 when every round held; 1 on the first mismatch, lost page, failed check or
  * child failure (with the round, seed, page, allowed and found contents, and the recovery
- * report on stderr); 2 on bad usage.  A child exits 3 when a read under load disagrees with
- * the model, 4 when its attach or a context fails, 5 when a request fails, 6 when its check
- * fails; the parent reports those as failures.
+ * report on stderr), or (--points) when a point never crashed a child; 2 on bad usage.  A
+ * child exits 3 when a read under load disagrees with the model, 4 when its attach or a
+ * context fails, 5 when a request fails, 6 when its check fails, 8 when the library names a
+ * crash point POINTS does not list; the parent reports those as failures.  77: the child
+ * died at its crash point (--points), as intended.
  * Must not: be linked into the extension, have the arena open in two processes at once (the
- * parent closes its store before each fork), or touch another writer's pages.
+ * parent closes its store before each fork), touch another writer's pages, or let the crash
+ * point hook act in the parent (only a --points child arms it).
  *
  * Usage: crash_store [rounds (200)] [seed (1)]
+ *        crash_store --points [rounds (12 per point)] [seed (1)] [point [n]]
  * Build: cc -std=c11 -D_GNU_SOURCE -pthread csrc/crash_store.c csrc/store.c csrc/xcfmalloc.c
- *        csrc/codec.c csrc/arena.c -llz4 -lzstd -lxxhash  (tests/test_core_crash.py)
+ *        csrc/codec.c csrc/arena.c -llz4 -lzstd -lxxhash  (tests/test_core_crash.py); add
+ *        -DZC_CRASH_POINTS for --points.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -54,6 +76,9 @@
 #include <unistd.h>
 
 #include "store.h"
+#ifdef ZC_CRASH_POINTS
+#include "crashpoint.h"
+#endif
 
 #define PAGE ZC_PAGE_SIZE
 #define NPAGES 4096u            /* a 16 MiB device */
@@ -65,6 +90,10 @@
 #define CLEAN_EVERY 20u         /* every 20th round the child is not killed */
 #define CLEAN_OPS 1500u         /* operations per writer in such a round */
 #define COMPACT_EVERY 10u       /* the parent compacts completely every 10th round */
+#define NPOINTS 12u             /* the crash points (--points) */
+#define POINT_OPS 1500u         /* operations per writer in a --points child */
+#define POINT_TIMEOUT_MS 5000u  /* a --points child still running then is killed (a hang) */
+#define EXIT_AT_POINT 77        /* a --points child's exit status at its crash point */
 
 struct vpage {
 	uint32_t acked, inflight, top, pad;
@@ -77,6 +106,7 @@ struct shlog {
 	uint32_t stage;
 	uint32_t pad;
 	uint64_t ops; /* requests the child completed (all writers) */
+	uint64_t hits[NPOINTS]; /* --points: the child's hits of each crash point */
 	struct vpage v[NV];
 	uint32_t bflag[NB];
 	uint8_t expect[NB][PAGE];
@@ -100,6 +130,18 @@ static struct zc_store *S;
 static uint64_t Seed = 1, Salt;
 static unsigned Round;
 static int stop_compactor; /* __atomic */
+
+#ifdef ZC_CRASH_POINTS
+/* The crash points, as csrc/store.c and csrc/xcfmalloc.c name them (grep CRASH_POINT). */
+static const char *const POINTS[NPOINTS] = {
+	"publish.fill_written", "commit.page_published", "write.before_old_freed",
+	"discard.before_old_freed", "pages_put.punched", "handle_refill.one",
+	"vpage_new.counted", "store.pages_held", "store.before_entry", "free.slot_cleared",
+	"move.copied", "move.entry_moved",
+};
+static int Target = -1; /* the point a --points child dies at; -1: none (the parent) */
+static uint64_t Countdown; /* ... on its Countdown-th hit */
+#endif
 
 #define AST(x, v) __atomic_store_n(&(x), (v), __ATOMIC_SEQ_CST)
 #define ALD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
@@ -427,7 +469,8 @@ static void *compactor_main(void *arg)
 	return NULL;
 }
 
-static void child(int fd, int clean)
+/* ops: requests per writer, UINT64_MAX: until killed. */
+static void child(int fd, uint64_t ops)
 {
 	static struct worker ws[WORKERS];
 	struct zc_recovery rep;
@@ -449,7 +492,7 @@ static void child(int fd, int clean)
 		w->blo = NV + i * NB / WORKERS;
 		w->bhi = NV + (i + 1) * NB / WORKERS;
 		w->rng = mix64(Seed * 1000003u + Round * 7919u + i) | 1;
-		w->ops_left = clean ? CLEAN_OPS : UINT64_MAX;
+		w->ops_left = ops;
 		w->ctx = zc_ctx_new(S, 1 + (int)(i % 2));
 		w->buf = malloc((size_t)(MAX_OP_PAGES + 1) * PAGE);
 		w->rbuf = malloc((size_t)(MAX_OP_PAGES + 1) * PAGE);
@@ -479,11 +522,40 @@ static void child(int fd, int clean)
 	exit(0); /* (LeakSanitizer runs here in an ASan build) */
 }
 
+#ifdef ZC_CRASH_POINTS
+/* The library's crash point hook (csrc/crashpoint.h).  Unarmed (the parent, and the children
+ * of the random-kill mode): nothing.  Armed (a --points child): count the hit and, on the
+ * Countdown-th hit of the Target, end the process right here. */
+void zc_crash_point(const char *name)
+{
+	unsigned i = 0;
+
+	if (Target < 0)
+		return;
+	while (i < NPOINTS && strcmp(name, POINTS[i]))
+		i++;
+	if (i == NPOINTS)
+		child_fail(8, "the library names crash point \"%s\", which POINTS does not list",
+			   name);
+	if (__atomic_add_fetch(&L->hits[i], 1, __ATOMIC_RELAXED) == Countdown &&
+	    (int)i == Target)
+		_exit(EXIT_AT_POINT);
+}
+#endif
+
 /* ---- the parent ---------------------------------------------------------------------------- */
 
 static struct zc_recovery Rep; /* the parent's last recovery */
 static unsigned Kills, Clean, KilledEarly, Attaches;
 static uint64_t Forks, Orphans, PagesFreed, MaxNs, ToNew, ToOld, TornReqs;
+
+#ifdef ZC_CRASH_POINTS
+static int PointsMode, OnePoint = -1; /* --points; its one named point (-1: all in turn) */
+static uint64_t OneN;                 /* its given countdown (0: random) */
+static int RoundPoint;                /* this round's target and countdown */
+static uint64_t RoundN;
+static const char *ChildEnd = "";     /* how this round's child ended */
+#endif
 
 static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
@@ -510,6 +582,28 @@ static void fail(const char *fmt, ...)
 		(unsigned long long)Rep.objects, (unsigned long long)Rep.orphans,
 		(unsigned long long)Rep.lost_pages, (unsigned long long)Rep.pages_freed,
 		(unsigned long long)Rep.ns);
+#ifdef ZC_CRASH_POINTS
+	if (PointsMode) {
+		if (Forks)
+			fprintf(stderr, "crash_store: that round's child was to die at hit %llu of"
+				" %s, counted %llu hits of it and %s\n",
+				(unsigned long long)RoundN, POINTS[RoundPoint],
+				(unsigned long long)L->hits[RoundPoint], ChildEnd);
+		fprintf(stderr, "crash_store: reproduce (thread timing varies): crash_store"
+			" --points %u %llu", Round + 1, (unsigned long long)Seed);
+		if (OnePoint >= 0)
+			fprintf(stderr, " %s", POINTS[OnePoint]);
+		if (OneN)
+			fprintf(stderr, " %llu", (unsigned long long)OneN);
+		if (Forks)
+			fprintf(stderr, "; this point and countdown alone: crash_store --points"
+				" 50 %llu %s %llu", (unsigned long long)Seed, POINTS[RoundPoint],
+				(unsigned long long)RoundN);
+		fputc('\n', stderr);
+		fflush(stderr);
+		_exit(1);
+	}
+#endif
 	fprintf(stderr, "crash_store: reproduce (timing varies): crash_store %u %llu\n", Round + 1,
 		(unsigned long long)Seed);
 	fflush(stderr);
@@ -811,19 +905,190 @@ static unsigned long parse(const char *s, const char *what)
 	return v;
 }
 
+#ifdef ZC_CRASH_POINTS
+/* ---- the parent, --points ------------------------------------------------------------------ */
+
+static unsigned PtRounds[NPOINTS], PtCrashed[NPOINTS], InAttach;
+static uint64_t PtMaxHits[NPOINTS]; /* the most hits of each point in one child */
+
+static uint64_t now_ms(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000 + (uint64_t)t.tv_nsec / 1000000;
+}
+
+/* Wait for the child; kill it once POINT_TIMEOUT_MS have passed.  1 if it was killed. */
+static int wait_or_kill(pid_t pid, int *status)
+{
+	uint64_t deadline = now_ms() + POINT_TIMEOUT_MS;
+
+	for (;;) {
+		struct timespec t = {0, 1000000};
+		pid_t r = waitpid(pid, status, WNOHANG);
+
+		if (r == pid)
+			return 0;
+		if (r < 0)
+			fail("waitpid: %s", strerror(errno));
+		if (now_ms() >= deadline) {
+			kill(pid, SIGKILL);
+			if (waitpid(pid, status, 0) != pid)
+				fail("waitpid: %s", strerror(errno));
+			return 1;
+		}
+		nanosleep(&t, NULL);
+	}
+}
+
+/* The countdown for point pt: log-uniform in 1..top, so that the first hits of a child (its
+ * attach, its first requests) are targeted as often as its last ones; top is 2048 or, for a
+ * point hit more often in one child so far, that many hits rounded up to a power of two, so
+ * that the whole of a child's run is in reach. */
+static uint64_t pick_countdown(uint64_t *rng, unsigned pt)
+{
+	unsigned bits = 11;
+
+	while (bits < 40 && 1ull << bits < PtMaxHits[pt])
+		bits++;
+	return 1 + below(rng, 1ull << below(rng, bits + 1));
+}
+
+static int point_of(const char *s)
+{
+	for (unsigned i = 0; i < NPOINTS; i++)
+		if (!strcmp(s, POINTS[i]))
+			return (int)i;
+	fprintf(stderr, "crash_store: no crash point %s; the points are:", s);
+	for (unsigned i = 0; i < NPOINTS; i++)
+		fprintf(stderr, " %s", POINTS[i]);
+	fputc('\n', stderr);
+	exit(2);
+}
+
+static int run_points(int fd, uint64_t *rng, unsigned rounds)
+{
+	unsigned crashed = 0, clean = 0, hung = 0, missing = 0;
+
+	for (Round = 0; Round < rounds; Round++) {
+		int status;
+
+		RoundPoint = OnePoint >= 0 ? OnePoint : (int)(Round % NPOINTS);
+		RoundN = OneN ? OneN : pick_countdown(rng, (unsigned)RoundPoint);
+		L->stage = ST_FORKED;
+		L->ops = 0;
+		memset(L->hits, 0, sizeof(L->hits));
+		ChildEnd = "was still running";
+		fflush(stdout);
+		fflush(stderr);
+		pid_t pid = fork();
+
+		if (pid < 0)
+			fail("fork: %s", strerror(errno));
+		if (pid == 0) {
+			Target = RoundPoint; /* armed in the child only */
+			Countdown = RoundN;
+			child(fd, POINT_OPS);
+		}
+		Forks++;
+		int killed = wait_or_kill(pid, &status);
+		unsigned pt = (unsigned)RoundPoint;
+		uint64_t hits = L->hits[pt];
+
+		PtRounds[pt]++;
+		for (unsigned i = 0; i < NPOINTS; i++)
+			if (L->hits[i] > PtMaxHits[i])
+				PtMaxHits[i] = L->hits[i];
+		if (WIFEXITED(status) && WEXITSTATUS(status) == EXIT_AT_POINT) {
+			ChildEnd = "died there (exit 77)";
+			if (hits < RoundN)
+				fail("the child exited %d with only %llu hits of its crash point",
+				     EXIT_AT_POINT, (unsigned long long)hits);
+			PtCrashed[pt]++;
+			crashed++;
+			InAttach += L->stage < ST_ATTACHED;
+		} else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+			ChildEnd = "finished its work first (exit 0)";
+			if (hits >= RoundN)
+				fail("the child passed its crash point and exited 0");
+			clean++;
+		} else if (killed && WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) {
+			ChildEnd = "was killed after the timeout";
+			fprintf(stderr, "crash_store: round %u (seed %llu): the child (to die at hit"
+				" %llu of %s, at %llu hits, stage %u, %llu requests) was still running"
+				" after %u ms: killed (a hang?)\n", Round, (unsigned long long)Seed,
+				(unsigned long long)RoundN, POINTS[pt], (unsigned long long)hits,
+				L->stage, (unsigned long long)L->ops, POINT_TIMEOUT_MS);
+			hung++;
+		} else {
+			ChildEnd = "failed";
+			fail("the child ended with status %#x (exit %d, signal %d)", status,
+			     WIFEXITED(status) ? WEXITSTATUS(status) : -1,
+			     WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+		}
+		recover_and_check(fd, Round % COMPACT_EVERY == COMPACT_EVERY - 1);
+	}
+	for (unsigned i = 0; i < NPOINTS; i++)
+		missing += !PtCrashed[i] && (OnePoint < 0 || (int)i == OnePoint);
+	printf("crash_store: %s: --points %u rounds (seed %llu): %u crashes at a point (%u in the"
+	       " child's attach), %u clean exits (the point not reached), %u killed after %u ms"
+	       " (hung); recoveries freed %llu orphans and %llu pool pages, max %llu ns;"
+	       " in-flight pages found old %llu, new %llu (%llu blocks with both)\n",
+	       missing ? "FAIL" : "ok", rounds, (unsigned long long)Seed, crashed, InAttach, clean,
+	       hung, POINT_TIMEOUT_MS, (unsigned long long)Orphans,
+	       (unsigned long long)PagesFreed, (unsigned long long)MaxNs,
+	       (unsigned long long)ToOld, (unsigned long long)ToNew,
+	       (unsigned long long)TornReqs);
+	printf("crash_store: crashes per point (crashed/rounds, most hits in one child):");
+	for (unsigned i = 0; i < NPOINTS; i++)
+		printf(" %s %u/%u (%llu)", POINTS[i], PtCrashed[i], PtRounds[i],
+		       (unsigned long long)PtMaxHits[i]);
+	printf("\n");
+	fflush(stdout);
+	if (missing) {
+		fprintf(stderr, "crash_store: FAIL (seed %llu): no child crashed at:",
+			(unsigned long long)Seed);
+		for (unsigned i = 0; i < NPOINTS; i++)
+			if (!PtCrashed[i] && (OnePoint < 0 || (int)i == OnePoint))
+				fprintf(stderr, " %s", POINTS[i]);
+		fprintf(stderr, " (too few rounds, or the workload does not reach it)\n");
+		return 1;
+	}
+	return 0;
+}
+#endif
+
 int main(int argc, char **argv)
 {
 	unsigned rounds = 200;
-	int err;
+	int err, points = argc > 1 && !strcmp(argv[1], "--points");
+	char **arg = argv + 1 + points;
+	int nargs = argc - 1 - points;
 
-	if (argc > 3) {
-		fprintf(stderr, "usage: %s [rounds] [seed]\n", argv[0]);
+	if (nargs > (points ? 4 : 2)) {
+		fprintf(stderr, "usage: %s [rounds] [seed]\n"
+			"       %s --points [rounds] [seed] [point [n]]\n", argv[0], argv[0]);
 		return 2;
 	}
-	if (argc > 1)
-		rounds = (unsigned)parse(argv[1], "rounds");
-	if (argc > 2)
-		Seed = parse(argv[2], "seed");
+#ifdef ZC_CRASH_POINTS
+	PointsMode = points;
+	if (points)
+		rounds = 12 * NPOINTS;
+	if (nargs > 2)
+		OnePoint = point_of(arg[2]);
+	if (nargs > 3 && !(OneN = parse(arg[3], "n")))
+		OneN = 1;
+#else
+	if (points) {
+		fprintf(stderr, "crash_store: --points needs a build with -DZC_CRASH_POINTS\n");
+		return 2;
+	}
+#endif
+	if (nargs > 0)
+		rounds = (unsigned)parse(arg[0], "rounds");
+	if (nargs > 1)
+		Seed = parse(arg[1], "seed");
 	Salt = mix64(Seed ^ 0x5a17c0ffee);
 
 	void *m = mmap(NULL, sizeof(struct shlog), PROT_READ | PROT_WRITE,
@@ -855,6 +1120,15 @@ int main(int argc, char **argv)
 	populate(s, &rng);
 	zc_store_close(s);
 	recover_and_check(fd, 0); /* a clean close, then an attach: nothing in flight */
+#ifdef ZC_CRASH_POINTS
+	if (points) {
+		int rc = run_points(fd, &rng, rounds);
+
+		close(fd);
+		munmap(m, sizeof(struct shlog));
+		return rc;
+	}
+#endif
 
 	for (Round = 0; Round < rounds; Round++) {
 		int clean = Round % CLEAN_EVERY == CLEAN_EVERY - 1;
@@ -870,7 +1144,7 @@ int main(int argc, char **argv)
 		if (pid < 0)
 			fail("fork: %s", strerror(errno));
 		if (pid == 0)
-			child(fd, clean);
+			child(fd, clean ? CLEAN_OPS : UINT64_MAX);
 		Forks++;
 		int ended = 0;
 

@@ -110,6 +110,7 @@
 #define ZC_UNIQUE_RESEND (1ull << 63)    /* set by the kernel on a request sent again */
 #define ZC_FRONT_INIT 0                  /* front word: 1 once INIT was answered */
 #define ZC_FRONT_MINOR 1                 /* front word: the kernel's minor version */
+#define ZC_FRONT_RESENT 2                /* front word: requests received again, all servers */
 
 _Static_assert(ZC_WRITE_DATA == 80, "fuse_in_header + fuse_write_in must be 80 bytes");
 _Static_assert(ZC_OUT_HDR == 16, "fuse_out_header must be 16 bytes");
@@ -133,7 +134,7 @@ struct zc_wstats {
 	zc_counter errors[ZC_FUSE_MAX_OPCODE];
 	zc_counter lat_sum_ns[ZC_FUSE_MAX_OPCODE];
 	zc_counter lat[ZC_FUSE_MAX_OPCODE][ZC_FUSE_NBUCKETS];
-	zc_counter bytes_read, bytes_written, bytes_discarded, internal_errors, resent;
+	zc_counter bytes_read, bytes_written, bytes_discarded, internal_errors;
 };
 
 struct zc_fuse_worker {
@@ -658,8 +659,8 @@ int zc_fuse_handle(struct zc_fuse_worker *w, uint8_t *buf, size_t n, zc_fuse_wri
 	}
 	memcpy(&r.h, buf, sizeof(r.h));
 	op = r.h.opcode < ZC_FUSE_MAX_OPCODE ? r.h.opcode : ZC_OP_LAST;
-	if (r.h.unique & ZC_UNIQUE_RESEND)
-		count(&w->st.resent, 1);
+	if (r.h.unique & ZC_UNIQUE_RESEND) /* rare: only after a server died */
+		__atomic_fetch_add(&zc_store_front(w->f->s)[ZC_FRONT_RESENT], 1u, __ATOMIC_RELAXED);
 	if (no_reply(r.h.opcode)) {
 		if (r.h.len != n)
 			count(&w->st.internal_errors, 1);
@@ -1115,7 +1116,6 @@ static void add_worker_stats(struct zc_fuse_worker *w, struct zc_fuse_stats *out
 	out->bytes_written += peek(&st->bytes_written);
 	out->bytes_discarded += peek(&st->bytes_discarded);
 	out->internal_errors += peek(&st->internal_errors);
-	out->resent_requests += peek(&st->resent);
 }
 
 void zc_fuse_stats(struct zc_fuse *f, struct zc_fuse_stats *out)
@@ -1132,5 +1132,7 @@ void zc_fuse_stats(struct zc_fuse *f, struct zc_fuse_stats *out)
 	out->kernel_minor = atomic_load_explicit(&f->kernel_minor, memory_order_relaxed);
 	out->io_flusher_failed = atomic_load_explicit(&f->io_flusher_failed, memory_order_relaxed);
 	out->resumed = f->resumed;
+	out->resent_requests =
+		__atomic_load_n(&zc_store_front(f->s)[ZC_FRONT_RESENT], __ATOMIC_RELAXED);
 	out->resend_error = f->resend_error;
 }

@@ -31,7 +31,8 @@ struct zc_fuse_stats {
 	int io_flusher_failed;    /* prctl(PR_SET_IO_FLUSHER) failed in some worker */
 	int resumed;              /* took over a connection an earlier server had initialised */
 	int resend_error;         /* errno of the FUSE_NOTIFY_RESEND write (0 = sent or none) */
-	uint64_t resent_requests; /* requests the kernel sent again (unique has bit 63) */
+	uint64_t resent_requests; /* requests the kernel sent again (unique has bit 63), counted
+				   * in the arena: over every server of the store */
 };
 
 extern const uint64_t zc_fuse_latency_bounds_ns[ZC_FUSE_NBUCKETS - 1];

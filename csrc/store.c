@@ -70,6 +70,7 @@
 
 #include "arena.h"
 #include "codec.h"
+#include "crashpoint.h"
 #include "xcfmalloc.h"
 
 #define ZC_MAGIC "ZCACHED1"
@@ -217,6 +218,7 @@ static uint64_t publish(struct zc_store *s, uint64_t p, uint64_t e, uint32_t fil
 
 		STORE(s->fill[2 * p + sel], fill_hi);
 		e |= (uint64_t)sel << 32;
+		CRASH_POINT("publish.fill_written");
 	}
 	STORE(s->pte[p], e);
 	return old;
@@ -383,6 +385,7 @@ static void commit(struct zc_ctx *c, uint64_t first, unsigned n)
 
 		count_state(c, old, c->newe[i]);
 		c->snap[i] = old;
+		CRASH_POINT("commit.page_published");
 	}
 }
 
@@ -433,6 +436,7 @@ int zc_store_write(struct zc_ctx *c, uint64_t off, uint32_t len, const uint8_t *
 	}
 	commit(c, first, n);
 	unlock_stripes(s, set);
+	CRASH_POINT("write.before_old_freed");
 	for (i = 0; i < n; i++)
 		free_entry(c, c->snap[i]);
 	BUMP(c->st->writes, n);
@@ -462,6 +466,7 @@ static void clear_run(struct zc_ctx *c, uint64_t lo, uint64_t hi)
 		c->olde[n++] = e;
 	}
 	unlock_stripes(s, set);
+	CRASH_POINT("discard.before_old_freed");
 	for (unsigned i = 0; i < n; i++)
 		free_entry(c, c->olde[i]);
 }

@@ -59,6 +59,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "crashpoint.h"
+
 #define NO_PFN UINT32_MAX
 #define FULL_GROUP (XCF_NGROUPS - 1u)
 #define HOARD_F_NUM 1u /* f = 1/4 */
@@ -310,6 +312,7 @@ static void pages_put(struct xcf_pool *p, const uint32_t *pfns, unsigned n)
 {
 	for (unsigned i = 0; i < n; i++)
 		zc_arena_punch(p->a, p->pool_off + (uint64_t)pfns[i] * XCF_PAGE, XCF_PAGE);
+	CRASH_POINT("pages_put.punched");
 	pthread_mutex_lock(&p->page_lock);
 	for (unsigned i = 0; i < n; i++)
 		p->freepfn[p->sh->nfree_pfn++] = pfns[i];
@@ -364,6 +367,7 @@ static void handle_refill(struct xcf_pool *p, struct xcf_hh *hh)
 		STORE(p->handles[h], (uint64_t)hh->head << 32);
 		hh->head = h;
 		hh->n++;
+		CRASH_POINT("handle_refill.one");
 	}
 	pthread_mutex_unlock(&p->glob_hlock);
 }
@@ -522,6 +526,7 @@ static uint32_t vpage_new(struct xcf_pool *p, unsigned c, int h)
 
 	hc->cap += p->opv[c];
 	hc->vpages++;
+	CRASH_POINT("vpage_new.counted");
 	vp_link(p, hc, id);
 	return id;
 }
@@ -698,6 +703,7 @@ int xcf_store(struct xcf_pool *p, int heap, const uint8_t *data, uint32_t len, u
 			vpage_release(p, c, heap, id);
 		goto full;
 	}
+	CRASH_POINT("store.pages_held");
 	bit_set(v, s);
 	v->inuse++;
 	v->bytes += len;
@@ -710,6 +716,7 @@ int xcf_store(struct xcf_pool *p, int heap, const uint8_t *data, uint32_t len, u
 		copy_in(p, v, c, s, 0, (const uint8_t *)&h, XCF_HDR);
 	}
 	copy_in(p, v, c, s, hdr_of(c), data, len);
+	CRASH_POINT("store.before_entry");
 	STORE(p->handles[h], entry_make(id, s, len));
 	pthread_mutex_unlock(lock_of(p, c, heap));
 	ADD(p->sh->objects, 1);
@@ -808,6 +815,7 @@ void xcf_free(struct xcf_pool *p, int heap, uint32_t handle)
 	v->bytes -= len;
 	hc->inuse--;
 	SUB(hc->requested, len);
+	CRASH_POINT("free.slot_cleared");
 	unsigned n = unhold_pages(p, c, h, v, s, freed);
 
 	if (!v->inuse)
@@ -864,7 +872,9 @@ static int move_object(struct xcf_pool *p, unsigned c, int h, uint32_t src, unsi
 	bit_set(vd, d);
 	vd->inuse++;
 	vd->bytes += len;
+	CRASH_POINT("move.copied");
 	STORE(p->handles[handle], entry_make(dst, d, len));
+	CRASH_POINT("move.entry_moved");
 	bit_clear(vs, s);
 	vs->inuse--;
 	vs->bytes -= len;

@@ -164,7 +164,7 @@ def test_readme_block_from_sample_json(tmp_path: Path) -> None:
     assert body.index("512 MiB in") < body.index("1024 MiB in") < body.index("2048 MiB in")
     mem = next(v for k, v in rows.items() if k.startswith("memory holding a 512 MiB"))
     assert "| 97.0 MiB | 100.0 MiB | **0.97x** |" in mem
-    rss = rows["same, daemon RSS growth (all of zcached's memory)"]
+    rss = rows["same, daemon memory growth (Pss of keeper + server: all of zcached's memory)"]
     assert "| 110.0 MiB | 100.0 MiB | not measured |" in rss  # no ratio in the JSON: none made up
     io = rows["4K random read, depth 32 (fio)"]
     assert io.count("not measured") == 3  # the io module failed

@@ -301,20 +301,28 @@ LIMIT = 64 * MiB
 ALLOC = 256 * MiB
 
 
-@pytest.fixture
-def memcg() -> Iterator[Path]:
-    """A cgroup v1 memory group limited to 64 MiB with swappiness 100; removed afterwards."""
+@contextlib.contextmanager
+def memory_cgroup(name: str, limit: int) -> Iterator[Path]:
+    """A cgroup v1 memory group limited to ``limit`` bytes with swappiness 100; removed
+    afterwards (its workload has been reaped by then; a failure here is reported)."""
     root = Path("/sys/fs/cgroup/memory")
     if not (root / "memory.limit_in_bytes").exists():
         pytest.skip("no cgroup v1 memory controller at /sys/fs/cgroup/memory")
-    cg = root / f"zcached-test-{os.getpid()}"
+    cg = root / f"{name}-{os.getpid()}"
     cg.mkdir()
     try:
-        (cg / "memory.limit_in_bytes").write_text(str(LIMIT))
+        (cg / "memory.limit_in_bytes").write_text(str(limit))
         (cg / "memory.swappiness").write_text("100")
         yield cg
     finally:
-        cg.rmdir()  # the workload has been reaped by then; a failure here is reported
+        cg.rmdir()
+
+
+@pytest.fixture
+def memcg() -> Iterator[Path]:
+    """A memory group limited to 64 MiB (LIMIT)."""
+    with memory_cgroup("zcached-test", LIMIT) as cg:
+        yield cg
 
 
 @contextlib.contextmanager

@@ -162,15 +162,6 @@ def request_compaction(mountpoint: str) -> int:
     return pid
 
 
-def _read_state(path: str) -> dict[str, object]:
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
 def request_upgrade(
     mountpoint: str, config: str | None, metrics_listen: str | None, timeout: float = 120.0
 ) -> str:
@@ -179,7 +170,7 @@ def request_upgrade(
     until that server serves.  Returns a line saying so; DaemonError if refused or late."""
     pid = running_pid(mountpoint)
     state = state_path(mountpoint)
-    before = _read_state(state)
+    before = keeper.read_state(state)
     request = upgrade_request_path(mountpoint)
     doc = {"config": os.path.abspath(config) if config else None, "metrics_listen": metrics_listen}
     with open(f"{request}.tmp", "w") as f:
@@ -189,7 +180,7 @@ def request_upgrade(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.05)
-        now = _read_state(state)
+        now = keeper.read_state(state)
         if os.path.exists(request):
             continue  # not taken yet
         if now.get("last_upgrade_error"):
@@ -363,6 +354,7 @@ def _keep(
     stack.callback(sup.stop)
     sup.start(stop.is_set)
     stack.callback(mnt.unmount)
+    stack.callback(sup.quiesce)  # before the unmount: the server's exit then is no death
     image = os.path.join(mnt.mountpoint, "swap.img")
     info: dict[str, str | None] = {"loop_device": None}
     stack.callback(lambda: _release_other_users(image, info["loop_device"]))

@@ -76,18 +76,31 @@ class KeeperState:
     last_recovery_ms: float | None = None
     last_upgrade_error: str | None = None
     loop_device: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def save(self) -> None:
-        doc = {k: v for k, v in self.__dict__.items() if k != "path"}
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f)
-        os.replace(tmp, self.path)
+        """Written by the main thread (upgrades) and the supervision thread: one at a time."""
+        with self._lock:
+            doc = {k: v for k, v in self.__dict__.items() if k not in ("path", "_lock")}
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, self.path)
 
     def remove(self) -> None:
         for p in (self.path, f"{self.path}.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
+
+
+def read_state(path: str) -> dict[str, Any]:
+    """A keeper's state file (KeeperState.save); empty if missing or unreadable."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 class Supervisor:
@@ -163,6 +176,12 @@ class Supervisor:
         if proc is not None:
             log.info("upgrade: stopping server %d", proc.pid)
             _terminate(proc)
+
+    def quiesce(self) -> None:
+        """No more restarts or upgrades (just before the unmount, which ends the server's
+        connection: its exit then is the expected one, not a death to recover from)."""
+        with self._lock:
+            self._stopping = True
 
     def stop(self) -> None:
         """End supervision and the server (after the unmount: nothing needs it any more)."""

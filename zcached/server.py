@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from zcached import _core
 from zcached.process import Signals, lock_memory, protect_from_oom, set_io_flusher
@@ -39,11 +39,6 @@ if TYPE_CHECKING:
     from zcached.metrics import Exporter
 
 log = logging.getLogger("zcached")
-
-# Config keys that only a restart of the whole service can change: the live store, the mount
-# and the swap were made with them and outlive servers.
-FIXED_BY_THE_STORE = ("size", "compressor", "level", "mem_limit")
-FIXED_BY_THE_KEEPER = ("mountpoint", "swap", "swap_priority", "io_threads")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -61,16 +56,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def keeper_state(path: str) -> dict[str, Any]:
-    """The keeper's state file (loop device, restarts...); empty if unreadable."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
 def _open_exporter(  # the exporter is imported only once the server serves
     cfg: cfgmod.Config, store: CoreStore, loop: CoreFuseLoop, compactor: Compactor,
     info: dict[str, object], state_file: str,
@@ -80,11 +65,12 @@ def _open_exporter(  # the exporter is imported only once the server serves
 
     def document() -> dict[str, object]:
         doc = dict(info)
-        state = keeper_state(state_file)
+        state = read_state(state_file)
         doc.update({k: state[k] for k in ("loop_device", "restarts", "upgrades") if k in state})
         doc["last_recovery_ms"] = state.get("last_recovery_ms")
         return doc
 
+    from zcached.keeper import read_state
     from zcached.metrics import start_exporter
 
     deadline = time.monotonic() + 3.0
@@ -98,20 +84,6 @@ def _open_exporter(  # the exporter is imported only once the server serves
                 log.error("metrics address %s: %s (no metrics)", cfg.metrics_listen, e.strerror)
                 return None
             time.sleep(0.1)
-
-
-def _warn_fixed(cfg: cfgmod.Config, store: CoreStore) -> None:
-    arena = store.core.config()
-    if cfg.size != arena["size"]:
-        log.warning(
-            "size %d in the config: the live store keeps its %d (a restart changes it)",
-            cfg.size, arena["size"],
-        )  # fmt: skip
-    if cfg.compressor != arena["compressor"]:
-        log.warning(
-            "compressor %s in the config: the live store keeps %s (a restart changes it)",
-            cfg.compressor, arena["compressor"],
-        )  # fmt: skip
 
 
 def _flusher() -> None:
@@ -161,7 +133,6 @@ def serve(args: argparse.Namespace) -> int:
         os.close(args.ready_fd)
         _wait(signals, loop)
         return 2
-    _warn_fixed(cfg, store)
     compactor = _start_compactor(cfg, store, signals)
     info: dict[str, object] = {
         "algorithm": store.compressor,
