@@ -101,16 +101,16 @@ void zc_codec_fini(struct zc_codec *c)
 }
 
 /* Compressed length, or 0 when the compressor gave up (the page is then huge). */
-static uint32_t compress_page(struct zc_codec *c, const uint8_t *page, uint8_t *out)
+static uint32_t compress_page(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t cap)
 {
 	if (c->compressor == 0) {
 		int n = LZ4_compress_fast((const char *)page, (char *)out, (int)ZC_CODEC_PAGE,
-					  (int)ZC_CODEC_OUT_MAX, c->level);
+					  (int)cap, c->level);
 		return n > 0 ? (uint32_t)n : 0;
 	}
 	/* The pledged size is reset after each frame: set it again (cheap). */
 	ZSTD_CCtx_setPledgedSrcSize(c->cctx, ZC_CODEC_PAGE);
-	size_t n = ZSTD_compress2(c->cctx, out, ZC_CODEC_OUT_MAX, page, ZC_CODEC_PAGE);
+	size_t n = ZSTD_compress2(c->cctx, out, cap, page, ZC_CODEC_PAGE);
 
 	if (ZSTD_isError(n)) {
 		ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
@@ -124,7 +124,7 @@ int zc_codec_encode(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint3
 {
 	if (zc_same_filled(page, word))
 		return ZC_SAME;
-	uint32_t n = compress_page(c, page, out);
+	uint32_t n = compress_page(c, page, out, ZC_CODEC_OUT_MAX);
 
 	*csum = zc_checksum(page);
 	if (n == 0 || n >= c->huge_threshold) {
@@ -149,4 +149,38 @@ int zc_codec_decode(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8
 		return -EIO;
 	}
 	return n == ZC_CODEC_PAGE ? 0 : -EIO;
+}
+
+/* ---- the cold format ----------------------------------------------------------------------- */
+
+int zc_codec_set_level(struct zc_codec *c, int level)
+{
+	if (c->compressor != 1 || level < ZSTD_minCLevel() || level > ZSTD_maxCLevel())
+		return -EINVAL;
+	if (level == c->level)
+		return 0;
+	if (ZSTD_isError(ZSTD_CCtx_setParameter(c->cctx, ZSTD_c_compressionLevel, level)))
+		return -EINVAL;
+	c->level = level;
+	return 0;
+}
+
+int zc_codec_encode_cold(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len)
+{
+	if (c->compressor != 1)
+		return -EINVAL;
+	uint32_t n = compress_page(c, page, out + ZC_COLD_HDR, ZC_CODEC_OUT_MAX - ZC_COLD_HDR);
+
+	if (n == 0 || n + ZC_COLD_HDR >= ZC_CODEC_PAGE)
+		return -E2BIG;
+	out[0] = 0; /* dictionary: none */
+	*len = n + ZC_COLD_HDR;
+	return 0;
+}
+
+int zc_codec_decode_cold(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8_t *page)
+{
+	if (c->compressor != 1 || len <= ZC_COLD_HDR || blob[0] != 0)
+		return -EIO;
+	return zc_codec_decode(c, blob + ZC_COLD_HDR, len - ZC_COLD_HDR, page);
 }

@@ -2,7 +2,9 @@
  *
  * Owns: LZ4 (block format) and zstd (magic-less frames without content size, checksum or dict
  * id) with levels, same-filled page detection, the page checksum (low 32 bits of xxh3_64),
- * and the "huge" decision (keep the page raw when it does not compress below the threshold).
+ * the "huge" decision (keep the page raw when it does not compress below the threshold), and
+ * the cold format of recompressed pages: one byte naming the dictionary (0: none, the only
+ * value this version writes or accepts), then a zstd frame as above.
  * Must not: know handles, the page table, locks or FUSE.  A zc_codec holds per-thread state
  * (the zstd contexts): one thread uses it at a time.  No function allocates per page.
  */
@@ -35,6 +37,15 @@ int zc_codec_encode(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint3
 
 /* Decode a ZC_COMPRESSED blob into page[4096]; 0, or -EIO unless it is exactly one page. */
 int zc_codec_decode(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8_t *page);
+
+/* The cold format (recompressed idle pages).  c must be a zstd codec.  encode_cold: 0 and the
+ * blob in out[0..*len) with *len < 4096, or -E2BIG when the page does not get that small.
+ * decode_cold: 0, or -EIO unless the blob is exactly one page in the cold format. */
+#define ZC_COLD_HDR 1u
+int zc_codec_encode_cold(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len);
+int zc_codec_decode_cold(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8_t *page);
+/* Change a zstd codec's level; 0 or -EINVAL. */
+int zc_codec_set_level(struct zc_codec *c, int level);
 
 uint32_t zc_checksum(const uint8_t *page);
 int zc_same_filled(const uint8_t *page, uint64_t *word);

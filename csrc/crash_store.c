@@ -3,7 +3,8 @@
  * Owns: a parent that keeps one store's memfd arena and a model of every page in a shared
  * log, and, each round, a forked child that attaches the arena as a new server would
  * (zc_store_attach), runs W writer threads (each on its own disjoint pages, so every page has
- * one writer) and a compactor, and is killed with SIGKILL a random 0..30 ms after its workers
+ * one writer) and a compactor that also recompresses (a tick, then every page idle for one
+ * tick stored again in the cold format), and is killed with SIGKILL a random 0..30 ms after its workers
  * started (one kill in 8: after the fork, which also cuts attaches short; every
  * CLEAN_EVERY-th round it instead finishes a fixed number of operations and exits 0).  The
  * parent then attaches the arena itself (the recovery under test), checks the allocator
@@ -90,7 +91,7 @@
 #define CLEAN_EVERY 20u         /* every 20th round the child is not killed */
 #define CLEAN_OPS 1500u         /* operations per writer in such a round */
 #define COMPACT_EVERY 10u       /* the parent compacts completely every 10th round */
-#define NPOINTS 12u             /* the crash points (--points) */
+#define NPOINTS 13u             /* the crash points (--points) */
 #define POINT_OPS 1500u         /* operations per writer in a --points child */
 #define POINT_TIMEOUT_MS 5000u  /* a --points child still running then is killed (a hang) */
 #define EXIT_AT_POINT 77        /* a --points child's exit status at its crash point */
@@ -137,7 +138,7 @@ static const char *const POINTS[NPOINTS] = {
 	"publish.fill_written", "commit.page_published", "write.before_old_freed",
 	"discard.before_old_freed", "pages_put.punched", "handle_refill.one",
 	"vpage_new.counted", "store.pages_held", "store.before_entry", "free.slot_cleared",
-	"move.copied", "move.entry_moved",
+	"move.copied", "move.entry_moved", "recompress.before_old_freed",
 };
 static int Target = -1; /* the point a --points child dies at; -1: none (the parent) */
 static uint64_t Countdown; /* ... on its Countdown-th hit */
@@ -449,13 +450,18 @@ static void *worker_main(void *arg)
 static void *compactor_main(void *arg)
 {
 	struct zc_ctx *c = zc_ctx_new(S, 2);
-	uint64_t round = 0;
+	struct zc_recompress_report rr;
+	uint64_t round = 0, cursor = 0;
 
 	(void)arg;
 	if (!c)
 		child_fail(4, "compactor: zc_ctx_new");
 	while (!ALD(stop_compactor)) {
 		(void)zc_store_compact(S, 64);
+		zc_store_tick(S);
+		cursor = zc_store_recompress(c, cursor, 64, 1, 1, &rr);
+		if (cursor >= NPAGES)
+			cursor = 0;
 		if (++round % 256 == 0) {
 			uint64_t bad = 0;
 

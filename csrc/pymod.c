@@ -24,6 +24,8 @@
 
 #define MAX_PY_CTX 32
 
+static PyObject *u64_dict(const char *const *names, const uint64_t *vals, size_t n);
+
 typedef struct {
 	PyObject_HEAD
 	struct zc_store *s;
@@ -353,7 +355,8 @@ static const struct {
 	STAT(failed_reads),   STAT(failed_writes),   STAT(checksum_errors), STAT(reads),
 	STAT(writes),         STAT(discards),        STAT(pages_stored),    STAT(npages),
 	STAT(table_bytes),    STAT(objects),         STAT(metadata_bytes),  STAT(arena_bytes),
-	STAT(vpages_to_global), STAT(recoveries),    STAT(lost_pages),
+	STAT(vpages_to_global), STAT(recoveries),    STAT(lost_pages),      STAT(cold_pages),
+	STAT(cold_bytes),     STAT(recompressed),    STAT(recompress_saved_bytes), STAT(epoch),
 };
 
 static PyObject *Store_stats(StoreObject *so, PyObject *Py_UNUSED(ignored))
@@ -398,6 +401,51 @@ static PyObject *Store_compact(StoreObject *so, PyObject *args)
 	Py_END_ALLOW_THREADS
 	so->busy--;
 	return PyLong_FromUnsignedLongLong(moved);
+}
+
+static PyObject *Store_tick(StoreObject *so, PyObject *Py_UNUSED(ignored))
+{
+	if (!store_ready(so))
+		return NULL;
+	zc_store_tick(so->s);
+	Py_RETURN_NONE;
+}
+
+static PyObject *Store_recompress(StoreObject *so, PyObject *args)
+{
+	static const char *const names[] = {"scanned",	 "candidates",	 "recompressed", "kept",
+					    "raced",	 "failed",	 "bytes_before", "bytes_after"};
+	unsigned long long start, max_scan;
+	unsigned idle;
+	int level;
+	struct zc_recompress_report r;
+	uint64_t next = UINT64_MAX;
+	int ok = 0;
+
+	if (!PyArg_ParseTuple(args, "KKIi", &start, &max_scan, &idle, &level) || !store_ready(so))
+		return NULL;
+	so->busy++;
+	Py_BEGIN_ALLOW_THREADS
+	struct zc_ctx *c = ctx_get(so);
+
+	if (c) {
+		next = zc_store_recompress(c, start, max_scan, idle, level, &r);
+		ctx_put(so, c);
+		ok = 1;
+	}
+	Py_END_ALLOW_THREADS
+	so->busy--;
+	if (!ok)
+		return PyErr_NoMemory();
+	if (next == UINT64_MAX) {
+		PyErr_SetString(PyExc_ValueError, "recompress: idle_ticks must be in 1..64 and level a zstd level");
+		return NULL;
+	}
+	const uint64_t vals[] = {r.scanned, r.candidates, r.recompressed, r.kept,
+				 r.raced,   r.failed,	  r.bytes_before, r.bytes_after};
+	PyObject *d = u64_dict(names, vals, sizeof(vals) / sizeof(vals[0]));
+
+	return d ? Py_BuildValue("(KN)", (unsigned long long)next, d) : NULL;
 }
 
 static PyObject *Store_reclaimable_bytes(StoreObject *so, PyObject *Py_UNUSED(ignored))
@@ -565,6 +613,9 @@ static PyMethodDef Store_methods[] = {
 	{"discard", (PyCFunction)Store_discard, METH_VARARGS, "discard(offset, length)"},
 	{"stats", (PyCFunction)Store_stats, METH_NOARGS, "counters as a dict"},
 	{"compact", (PyCFunction)Store_compact, METH_VARARGS, "compact(max_moves=0) -> moved"},
+	{"tick", (PyCFunction)Store_tick, METH_NOARGS, "advance the page-age clock by one tick"},
+	{"recompress", (PyCFunction)Store_recompress, METH_VARARGS,
+	 "recompress(start, max_scan, idle_ticks, level) -> (next, report)"},
 	{"reclaimable_bytes", (PyCFunction)Store_reclaimable_bytes, METH_NOARGS, ""},
 	{"fragmentation", (PyCFunction)Store_fragmentation, METH_NOARGS,
 	 "[(class size, pool bytes, requested bytes, objects)]"},

@@ -1,9 +1,11 @@
 /* store.c - the page store of the C core (see store.h): the page table and the request paths.
  *
- * Owns: the arena header and layout, the page table (one 64-bit entry and one 32-bit fill
- * word per device page), the read/write/discard paths with read-modify-write of unaligned
- * edges, checksum verification on every read, the memory limit as callers see it (ENOSPC),
- * the stripe locks, the per-context counters, and the contexts themselves.
+ * Owns: the arena header and layout, the page table (one 64-bit entry, two 32-bit fill words
+ * and one age byte per device page), the read/write/discard paths with read-modify-write of
+ * unaligned edges, checksum verification on every read, the memory limit as callers see it
+ * (ENOSPC), the stripe locks, the per-context counters, the contexts themselves, and the
+ * mechanism of recompression (which idle pages, stored again in the cold format; the policy,
+ * when and how much, is zcached/recompressor.py's).
  * Must not: know compression formats (codec.c), object layout (xcfmalloc.c), FUSE
  * (fuse_loop.c) or Python; allocate on the request path (a context's buffers are allocated
  * once, when it is made).  The reference model is zcached/store.py.
@@ -12,6 +14,7 @@
  *   0           struct zc_hdr: magic, version, geometry, configuration, the offsets below
  *   off_pte     u64 pte[npages]
  *   off_fill    u32 fill_hi[npages][2]
+ *   off_age     u8 age[npages]
  *   off_ctx     struct zc_ctx_stats[ZC_MAX_CTX]: slot 0 holds the counters of contexts that
  *               ended (and of servers that died); slots 1.. one per live context
  *   off_xcf     the allocator's region (xcfmalloc.c: its metadata, then the pool pages)
@@ -19,10 +22,21 @@
  * PAGE TABLE ENTRY  pte[p] = state << 62 | payload
  *   EMPTY      0                                    never written or discarded: zeros
  *   SAME       1 << 62 | sel << 32 | fill low 32    fill_hi[p][sel] holds the high 32 bits
- *   COMPRESSED 2 << 62 | handle << 32 | checksum    handle < 2^30; checksum of the page
+ *   COMPRESSED 2 << 62 | cold << 61 | handle << 32 | checksum
+ *                                                   handle < 2^29; checksum of the page; the
+ *                                                   object is in the store's codec, or in the
+ *                                                   cold format (codec.h) when cold is set
  *   HUGE       3 << 62 | handle << 32 | checksum    the object is the raw page
  *   A COMPRESSED entry with handle 0 is a lost page (POISON): recovery found it naming no valid
  *   object; it reads as -EIO until written again.
+ *
+ * PAGE AGE  age[p] = tried << 7 | epoch of the last read or write of p (7 bits)
+ *   hdr->epoch is advanced by zc_store_tick (the recompressor's clock: no clock is read per
+ *   request).  A page is idle after idle_ticks ticks untouched (now - epoch, mod 128, so a
+ *   page untouched for 128 ticks and still not taken looks young again for idle_ticks ticks: a
+ *   delay, nothing worse; the recompressor takes idle pages long before).
+ *   tried: recompression found the cold format no smaller; the page is not tried again until
+ *   it is read or written.  Ages are hints: a lost or torn update costs only a wrong guess.
  *
  * INVARIANTS
  *  S1 An entry is published by one atomic store, after its object is complete (and after its
@@ -37,6 +51,11 @@
  *     first, then committed under all its stripe locks at once.
  *  S4 Bytes returned by a read matched their checksum (or are EMPTY/SAME pages); else -EIO
  *     and checksum_errors++.
+ *  S5 Recompression replaces an entry only if it is still the entry it decoded and verified,
+ *     checked and published under the page's stripe lock (a write or discard in between wins;
+ *     the new object is dropped), keeping the checksum; as every replacement, it frees the old
+ *     object after (S1).  A cold page is never recompressed again; its next write stores it in
+ *     the store's codec.
  *
  * LOCKING
  *  ZC_NSTRIPES stripe locks; page p belongs to stripe (p >> ZC_STRIPE_SHIFT) % ZC_NSTRIPES.
@@ -74,18 +93,23 @@
 #include "xcfmalloc.h"
 
 #define ZC_MAGIC "ZCACHED1"
-#define ZC_VERSION 2u
+#define ZC_VERSION 3u
 #define ZC_NSTRIPES 64u
 #define ZC_STRIPE_SHIFT 6
 #define ZC_MAX_CTX 256u
 #define ZC_CLEAR_RUN 512u
-#define ZC_MAX_HANDLE ((1u << 30) - 1u)
+#define ZC_MAX_HANDLE ((1u << 29) - 1u)
 
 #define ST_SHIFT 62
 #define PTE_STATE(e) ((unsigned)((e) >> ST_SHIFT))
 #define PTE_HANDLE(e) ((uint32_t)((e) >> 32) & ZC_MAX_HANDLE)
 #define PTE_CSUM(e) ((uint32_t)(e))
 #define PTE_SEL(e) ((unsigned)((e) >> 32) & 1u)
+#define PTE_COLD (1ull << 61)
+#define PTE_IS_COLD(e) (PTE_STATE(e) == ZC_COMPRESSED && ((e) & PTE_COLD))
+#define AGE_TRIED 0x80u
+#define AGE_EPOCH 0x7fu
+#define AGE_MAX_IDLE 64u
 #define ZC_POISON ((uint64_t)ZC_COMPRESSED << ST_SHIFT)
 
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_ACQUIRE)
@@ -101,9 +125,10 @@ struct zc_hdr {
 	uint32_t huge_threshold;
 	int32_t heaps;
 	uint64_t mem_limit;
-	uint64_t off_pte, off_fill, off_ctx, off_xcf;
+	uint64_t off_pte, off_fill, off_age, off_ctx, off_xcf;
 	uint64_t pool_pages, max_handles, max_vpages;
 	uint64_t recoveries, lost_pages;
+	uint32_t epoch, pad;
 	uint32_t front[ZC_FRONT_WORDS];
 };
 
@@ -112,7 +137,8 @@ struct zc_ctx_stats {
 	uint64_t used;
 	uint64_t reads, writes, discards, failed_reads, failed_writes, checksum_errors;
 	uint64_t by_state[4]; /* changes in the number of pages per state (two's complement) */
-	uint64_t pad[4];
+	uint64_t cold_pages, cold_bytes; /* changes in cold pages and their object bytes */
+	uint64_t recompressed, saved_bytes; /* pages recompressed, object bytes that saved */
 };
 
 struct zc_store {
@@ -120,6 +146,7 @@ struct zc_store {
 	struct zc_hdr *hdr;
 	uint64_t *pte;
 	uint32_t *fill;
+	uint8_t *age;
 	struct zc_ctx_stats *cstats;
 	struct xcf_pool *pool;
 	uint64_t npages;
@@ -135,6 +162,7 @@ struct zc_ctx {
 	struct zc_store *s;
 	int heap, slot;
 	struct zc_codec codec;
+	struct zc_codec cold; /* zstd: decodes cold pages; encodes them for zc_store_recompress */
 	struct zc_ctx_stats *st;
 	uint8_t *scratch;   /* copies of objects read under the locks: ZC_MAX_SPAN pages */
 	uint32_t obj_off[ZC_MAX_SPAN], obj_len[ZC_MAX_SPAN];
@@ -183,10 +211,48 @@ static void unlock_stripes(struct zc_store *s, uint64_t set)
 
 /* ---- counters ------------------------------------------------------------------------------ */
 
+/* Entry old replaced by new (both objects still live). */
 static void count_state(struct zc_ctx *c, uint64_t old, uint64_t new)
 {
 	BUMP(c->st->by_state[PTE_STATE(old)], (uint64_t)-1);
 	BUMP(c->st->by_state[PTE_STATE(new)], 1);
+	if (PTE_IS_COLD(old)) {
+		BUMP(c->st->cold_pages, (uint64_t)-1);
+		BUMP(c->st->cold_bytes, -(uint64_t)xcf_size(c->s->pool, PTE_HANDLE(old)));
+	}
+	if (PTE_IS_COLD(new)) {
+		BUMP(c->st->cold_pages, 1);
+		BUMP(c->st->cold_bytes, xcf_size(c->s->pool, PTE_HANDLE(new)));
+	}
+}
+
+/* ---- page age ------------------------------------------------------------------------------ */
+
+static unsigned epoch_now(const struct zc_store *s)
+{
+	return RLOAD(s->hdr->epoch) & AGE_EPOCH;
+}
+
+/* Page p was read or written (caller holds its stripe): young again, to be tried again. */
+static void touch(struct zc_store *s, uint64_t p)
+{
+	uint8_t now = (uint8_t)epoch_now(s);
+
+	if (RLOAD(s->age[p]) != now)
+		__atomic_store_n(&s->age[p], now, __ATOMIC_RELAXED);
+}
+
+/* Ticks since a page with age byte a was last touched (mod 128). */
+static unsigned idle_ticks_of(const struct zc_store *s, uint8_t a)
+{
+	return (epoch_now(s) - (a & AGE_EPOCH)) & AGE_EPOCH;
+}
+
+/* Mark page p tried, unless it was touched since its age a was read. */
+static void mark_tried(struct zc_store *s, uint64_t p, uint8_t a)
+{
+	__atomic_compare_exchange_n(&s->age[p], &a, (uint8_t)(a | AGE_TRIED), 0, __ATOMIC_RELAXED,
+				    __ATOMIC_RELAXED);
 }
 
 /* ---- entries ------------------------------------------------------------------------------- */
@@ -296,7 +362,8 @@ static int materialise(struct zc_ctx *c, unsigned i, uint8_t *out)
 		memcpy(out, obj, ZC_PAGE_SIZE);
 		break;
 	default:
-		if (zc_codec_decode(&c->codec, obj, c->obj_len[i], out))
+		if (e & PTE_COLD ? zc_codec_decode_cold(&c->cold, obj, c->obj_len[i], out)
+				 : zc_codec_decode(&c->codec, obj, c->obj_len[i], out))
 			return -EIO;
 	}
 	return zc_checksum(out) == PTE_CSUM(e) ? 0 : -EIO;
@@ -325,8 +392,10 @@ int zc_store_read(struct zc_ctx *c, uint64_t off, uint32_t len, uint8_t *out)
 	int rc = 0;
 
 	lock_stripes(s, set);
-	for (unsigned i = 0; i < n && !rc; i++)
+	for (unsigned i = 0; i < n && !rc; i++) {
 		rc = snapshot(c, first + i, i, &at);
+		touch(s, first + i);
+	}
 	unlock_stripes(s, set);
 	BUMP(c->st->reads, n);
 	for (unsigned i = 0; i < n && !rc; i++) {
@@ -384,6 +453,7 @@ static void commit(struct zc_ctx *c, uint64_t first, unsigned n)
 		uint64_t old = publish(c->s, first + i, c->newe[i], c->newf[i]);
 
 		count_state(c, old, c->newe[i]);
+		touch(c->s, first + i);
 		c->snap[i] = old;
 		CRASH_POINT("commit.page_published");
 	}
@@ -521,6 +591,7 @@ static int zero_edges(struct zc_ctx *c, uint64_t off, uint64_t end, uint64_t ful
 		uint64_t old = publish(s, pages[i], c->newe[i], c->newf[i]);
 
 		count_state(c, old, c->newe[i]);
+		touch(s, pages[i]);
 		c->snap[i] = old;
 	}
 	unlock_stripes(s, set);
@@ -548,6 +619,114 @@ int zc_store_discard(struct zc_ctx *c, uint64_t off, uint64_t len)
 	if (full_hi > full_lo)
 		BUMP(c->st->discards, full_hi - full_lo);
 	return 0;
+}
+
+/* ---- recompression ------------------------------------------------------------------------ */
+
+void zc_store_tick(struct zc_store *s)
+{
+	__atomic_fetch_add(&s->hdr->epoch, 1u, __ATOMIC_RELAXED);
+}
+
+/* Is entry e, with age byte a, one to recompress now? */
+static int recompress_candidate(struct zc_store *s, uint64_t p, uint64_t e, unsigned idle)
+{
+	unsigned st = PTE_STATE(e);
+	uint8_t a = RLOAD(s->age[p]);
+
+	if ((st != ZC_COMPRESSED && st != ZC_HUGE) || (e & PTE_COLD) || e == ZC_POISON)
+		return 0;
+	return idle_ticks_of(s, a) >= idle && !(a & AGE_TRIED);
+}
+
+/* Publish the cold entry ne for page p if p still holds e (S5); 1 if it did. */
+static int replace_if_unchanged(struct zc_ctx *c, uint64_t p, uint64_t e, uint64_t ne)
+{
+	struct zc_store *s = c->s;
+	uint64_t set = stripes_of(p, p);
+	int done = 0;
+
+	lock_stripes(s, set);
+	if (RLOAD(s->pte[p]) == e) {
+		publish(s, p, ne, 0);
+		count_state(c, e, ne);
+		done = 1;
+	}
+	unlock_stripes(s, set);
+	return done;
+}
+
+/* Recompress page p, which held entry e: 0 (done), or why not (counted in *r). */
+static void recompress_page(struct zc_ctx *c, uint64_t p, uint64_t e,
+			    struct zc_recompress_report *r)
+{
+	struct zc_store *s = c->s;
+	uint64_t set = stripes_of(p, p);
+	uint8_t a = RLOAD(s->age[p]);
+	uint32_t at = 0, len = 0, h;
+	int rc;
+
+	lock_stripes(s, set);
+	rc = snapshot(c, p, 0, &at);
+	unlock_stripes(s, set);
+	if (!rc && c->snap[0] != e) {
+		r->raced++;
+		return;
+	}
+	if (rc || materialise(c, 0, c->page)) {
+		integrity_error(c);
+		r->failed++;
+		return;
+	}
+	uint32_t old_len = c->obj_len[0];
+
+	if (zc_codec_encode_cold(&c->cold, c->page, c->enc, &len) || len >= old_len) {
+		mark_tried(s, p, a);
+		r->kept++;
+		return;
+	}
+	if (xcf_store(s->pool, c->heap, c->enc, len, &h)) {
+		r->failed++;
+		return;
+	}
+	uint64_t ne = pte_object(ZC_COMPRESSED, h, PTE_CSUM(e)) | PTE_COLD;
+
+	if (h > ZC_MAX_HANDLE || !replace_if_unchanged(c, p, e, ne)) {
+		xcf_free(s->pool, c->heap, h);
+		if (h > ZC_MAX_HANDLE)
+			r->failed++;
+		else
+			r->raced++;
+		return;
+	}
+	CRASH_POINT("recompress.before_old_freed");
+	free_entry(c, e);
+	BUMP(c->st->recompressed, 1);
+	BUMP(c->st->saved_bytes, old_len - len);
+	r->recompressed++;
+	r->bytes_before += old_len;
+	r->bytes_after += len;
+}
+
+uint64_t zc_store_recompress(struct zc_ctx *c, uint64_t start, uint64_t max_scan,
+			     unsigned idle_ticks, int level, struct zc_recompress_report *r)
+{
+	struct zc_store *s = c->s;
+	uint64_t end = start + max_scan < s->npages && max_scan ? start + max_scan : s->npages;
+
+	memset(r, 0, sizeof(*r));
+	if (idle_ticks < 1 || idle_ticks > AGE_MAX_IDLE || zc_codec_set_level(&c->cold, level))
+		return UINT64_MAX;
+	for (uint64_t p = start; p < end; p++) {
+		uint64_t e = RLOAD(s->pte[p]);
+
+		r->scanned++;
+		if (!recompress_candidate(s, p, e, idle_ticks))
+			continue;
+		r->candidates++;
+		recompress_page(c, p, e, r);
+	}
+	return end;
 }
 
 /* ---- scrub and test hooks ------------------------------------------------------------------ */
@@ -611,6 +790,10 @@ static void add_counters(struct zc_ctx_stats *sum, const struct zc_ctx_stats *x)
 	sum->checksum_errors += RLOAD(x->checksum_errors);
 	for (unsigned k = 0; k < 4; k++)
 		sum->by_state[k] += RLOAD(x->by_state[k]);
+	sum->cold_pages += RLOAD(x->cold_pages);
+	sum->cold_bytes += RLOAD(x->cold_bytes);
+	sum->recompressed += RLOAD(x->recompressed);
+	sum->saved_bytes += RLOAD(x->saved_bytes);
 }
 
 void zc_store_stats(struct zc_store *s, struct zc_store_stats *out)
@@ -643,7 +826,7 @@ void zc_store_stats(struct zc_store *s, struct zc_store_stats *out)
 	out->writes = sum.writes;
 	out->discards = sum.discards;
 	out->npages = s->npages;
-	out->table_bytes = s->npages * 16;
+	out->table_bytes = s->npages * 17;
 	out->objects = x.objects;
 	out->metadata_bytes = x.metadata_bytes + out->table_bytes + ZC_PAGE_SIZE +
 			      ZC_MAX_CTX * sizeof(struct zc_ctx_stats);
@@ -651,6 +834,11 @@ void zc_store_stats(struct zc_store *s, struct zc_store_stats *out)
 	out->vpages_to_global = x.vpages_to_global;
 	out->recoveries = RLOAD(s->hdr->recoveries);
 	out->lost_pages = RLOAD(s->hdr->lost_pages);
+	out->cold_pages = sum.cold_pages;
+	out->cold_bytes = sum.cold_bytes;
+	out->recompressed = sum.recompressed;
+	out->recompress_saved_bytes = sum.saved_bytes;
+	out->epoch = RLOAD(s->hdr->epoch);
 }
 
 unsigned zc_store_fragmentation(struct zc_store *s, struct xcf_class_usage *out, unsigned n)
@@ -685,7 +873,9 @@ struct zc_ctx *zc_ctx_new(struct zc_store *s, int heap)
 	c->heap = heap < 1 ? 1 : 1 + (heap - 1) % s->cfg.heaps;
 	c->scratch = malloc((size_t)ZC_MAX_SPAN * ZC_PAGE_SIZE);
 	if (!c->scratch ||
-	    zc_codec_init(&c->codec, s->cfg.compressor, s->cfg.level, s->cfg.huge_threshold)) {
+	    zc_codec_init(&c->codec, s->cfg.compressor, s->cfg.level, s->cfg.huge_threshold) ||
+	    zc_codec_init(&c->cold, ZC_ZSTD, ZC_COLD_LEVEL, ZC_PAGE_SIZE)) {
+		zc_codec_fini(&c->codec);
 		free(c->scratch);
 		free(c);
 		return NULL;
@@ -721,6 +911,7 @@ void zc_ctx_free(struct zc_ctx *c)
 		pthread_mutex_unlock(&s->ctx_lock);
 	}
 	zc_codec_fini(&c->codec);
+	zc_codec_fini(&c->cold);
 	free(c->scratch);
 	free(c);
 }
@@ -732,7 +923,7 @@ static int check_config(const struct zc_store_config *cfg)
 	struct zc_codec probe;
 
 	if (cfg->size == 0 || cfg->size % ZC_PAGE_SIZE || cfg->heaps < 1 ||
-	    cfg->heaps > XCF_MAX_HEAPS || (cfg->size >> ZC_PAGE_SHIFT) >= ZC_MAX_HANDLE / 2)
+	    cfg->heaps > XCF_MAX_HEAPS || (cfg->size >> ZC_PAGE_SHIFT) > ZC_MAX_DEVICE_PAGES)
 		return -EINVAL;
 	int rc = zc_codec_init(&probe, cfg->compressor, cfg->level, cfg->huge_threshold);
 
@@ -775,14 +966,15 @@ static void write_header(struct zc_store *s, const struct xcf_geometry *g)
 }
 
 struct layout {
-	uint64_t pte, fill, ctx, xcf, end;
+	uint64_t pte, fill, age, ctx, xcf, end;
 };
 
 static void layout_of(uint64_t npages, const struct xcf_geometry *g, struct layout *l)
 {
 	l->pte = ZC_PAGE_SIZE;
 	l->fill = l->pte + align4k(npages * 8);
-	l->ctx = l->fill + align4k(npages * 8);
+	l->age = l->fill + align4k(npages * 8);
+	l->ctx = l->age + align4k(npages);
 	l->xcf = l->ctx + align4k(ZC_MAX_CTX * sizeof(struct zc_ctx_stats));
 	l->end = l->xcf + xcf_arena_bytes(g);
 }
@@ -793,6 +985,7 @@ static void store_bind(struct zc_store *s, const struct layout *l)
 	s->hdr = ZC_ARENA_AT(&s->arena, 0, struct zc_hdr);
 	s->pte = ZC_ARENA_AT(&s->arena, l->pte, uint64_t);
 	s->fill = ZC_ARENA_AT(&s->arena, l->fill, uint32_t);
+	s->age = ZC_ARENA_AT(&s->arena, l->age, uint8_t);
 	s->cstats = ZC_ARENA_AT(&s->arena, l->ctx, struct zc_ctx_stats);
 	for (unsigned i = 0; i < ZC_NSTRIPES; i++)
 		pthread_mutex_init(&s->stripes[i], NULL);
@@ -843,6 +1036,7 @@ struct zc_store *zc_store_open(const struct zc_store_config *cfg, int *err)
 	}
 	s->hdr->off_pte = l.pte;
 	s->hdr->off_fill = l.fill;
+	s->hdr->off_age = l.age;
 	s->hdr->off_ctx = l.ctx;
 	s->hdr->off_xcf = l.xcf;
 	write_header(s, &g);
@@ -872,7 +1066,7 @@ static int read_header(const struct zc_arena *a, struct zc_store_config *cfg, st
 		return -EPROTO;
 	geometry(cfg, g);
 	layout_of(h->npages, g, l);
-	if (l->end != a->size || h->off_pte != l->pte || h->off_fill != l->fill ||
+	if (l->end != a->size || h->off_pte != l->pte || h->off_fill != l->fill || h->off_age != l->age ||
 	    h->off_ctx != l->ctx || h->off_xcf != l->xcf || h->pool_pages != g->pool_pages ||
 	    h->max_handles != g->max_handles || h->max_vpages != g->max_vpages)
 		return -EPROTO;
@@ -911,8 +1105,16 @@ static void fold_counters(struct zc_store *s)
 		memset(&s->cstats[i], 0, sizeof(s->cstats[i]));
 	}
 	memset(sum->by_state, 0, sizeof(sum->by_state));
-	for (uint64_t p = 0; p < s->npages; p++)
-		sum->by_state[PTE_STATE(s->pte[p])]++;
+	sum->cold_pages = sum->cold_bytes = 0;
+	for (uint64_t p = 0; p < s->npages; p++) {
+		uint64_t e = s->pte[p];
+
+		sum->by_state[PTE_STATE(e)]++;
+		if (PTE_IS_COLD(e) && e != ZC_POISON) {
+			sum->cold_pages++;
+			sum->cold_bytes += xcf_size(s->pool, PTE_HANDLE(e));
+		}
+	}
 }
 
 static uint64_t mono_ns(void)

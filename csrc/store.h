@@ -26,6 +26,9 @@ struct zc_ctx;
 
 enum zc_compressor { ZC_LZ4 = 0, ZC_ZSTD = 1 };
 
+#define ZC_MAX_DEVICE_PAGES ((1ull << 28) - 1u) /* device pages at most (1 TiB): handles have 29 bits */
+#define ZC_COLD_LEVEL 3 /* the zstd level of a context's cold codec until recompress sets one */
+
 struct zc_store_config {
 	uint64_t size;           /* device bytes, a positive multiple of 4096 */
 	int compressor;          /* enum zc_compressor */
@@ -45,6 +48,21 @@ struct zc_store_stats {
 	uint64_t objects, metadata_bytes, arena_bytes, vpages_to_global;
 	uint64_t recoveries; /* times a server attached this arena (zc_store_attach) */
 	uint64_t lost_pages; /* entries recoveries found naming no valid object (read as -EIO) */
+	uint64_t cold_pages, cold_bytes; /* pages in the cold format now, and their object bytes */
+	uint64_t recompressed;           /* pages ever recompressed (cold ones rewritten included) */
+	uint64_t recompress_saved_bytes; /* object bytes recompression saved, summed when done */
+	uint64_t epoch;                  /* zc_store_tick calls */
+};
+
+/* What one zc_store_recompress call did. */
+struct zc_recompress_report {
+	uint64_t scanned;      /* page table entries looked at */
+	uint64_t candidates;   /* idle pages not in the cold format, not tried since touched */
+	uint64_t recompressed; /* stored again in the cold format */
+	uint64_t kept;         /* the cold format was no smaller: kept, marked tried */
+	uint64_t raced;        /* written or discarded meanwhile: left to the newer entry */
+	uint64_t failed;       /* no room in the pool (ENOSPC), or the page failed its checksum */
+	uint64_t bytes_before, bytes_after; /* object bytes of the pages recompressed */
 };
 
 /* What one zc_store_attach found and did. */
@@ -97,6 +115,15 @@ uint64_t zc_store_compact(struct zc_store *s, uint64_t max_moves);
 unsigned zc_store_fragmentation(struct zc_store *s, struct xcf_class_usage *out, unsigned n);
 /* Pool bytes a complete compaction would give back. */
 uint64_t zc_store_reclaimable_bytes(struct zc_store *s);
+
+/* Recompression (store.c, PAGE AGE and S5).  tick advances the store's clock by one tick.
+ * recompress looks at pages start..start+max_scan-1 (0: to the end), and stores every idle one
+ * (untouched for >= idle_ticks ticks, 1..64) again in the cold format at zstd `level`, when
+ * that is smaller.  Returns where to go on from (npages at the end of a pass), or UINT64_MAX
+ * for bad arguments.  Runs in the caller's thread, taking one stripe lock at a time. */
+void zc_store_tick(struct zc_store *s);
+uint64_t zc_store_recompress(struct zc_ctx *c, uint64_t start, uint64_t max_scan,
+			     unsigned idle_ticks, int level, struct zc_recompress_report *r);
 
 /* Verify every stored page's checksum; returns pages checked, *bad gets the failures (each
  * also counted in checksum_errors) and the first max_pages of them go to pages[]. */

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from zcached import config as cfgmod
-from zcached.config import Compaction, Config, ConfigError, build, load, parse_size
+from zcached.config import (
+    Compaction,
+    Config,
+    ConfigError,
+    Recompress,
+    build,
+    load,
+    parse_duration,
+    parse_size,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "zcached.toml"
@@ -23,15 +32,19 @@ def test_shipped_example_loads_and_matches_the_defaults() -> None:
     default = build({})
     assert cfg == default  # the example documents the defaults, it does not change them
     assert cfg.compaction == Compaction()
+    assert cfg.recompress == Recompress()
 
 
 def test_every_key_is_documented_in_the_example() -> None:
     text = EXAMPLE.read_text()
-    for key in sorted(cfgmod._TOP_KEYS - {"compaction"}):
+    for key in sorted(cfgmod._TOP_KEYS - {"compaction", "recompress"}):
         assert re.search(rf"^#?\s*{key} = ", text, re.M), f"{key} missing from {EXAMPLE}"
     assert "[compaction]" in text
     for key in sorted(cfgmod._COMPACTION_KEYS):
         assert re.search(rf"^{key} = ", text, re.M), f"compaction.{key} missing"
+    recompress = text[text.index("[recompress]") :]
+    for key in sorted(cfgmod._RECOMPRESS_KEYS):
+        assert re.search(rf"^{key} = ", recompress, re.M), f"recompress.{key} missing"
 
 
 @pytest.mark.parametrize(
@@ -75,6 +88,25 @@ def test_bad_sizes_name_the_key(value: object, message: str) -> None:
         build({"size": value})
 
 
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("10m", 600.0), ("5s", 5.0), ("1.5h", 5400.0), ("2d", 172800.0), ("250ms", 0.25),
+     (30, 30.0), (7.5, 7.5), (" 90 ", 90.0)],
+)  # fmt: skip
+def test_parse_duration(text: object, seconds: float) -> None:
+    assert parse_duration(text, "recompress.idle") == seconds
+
+
+def test_recompress_table() -> None:
+    cfg = build({"recompress": {"enabled": False, "idle": "5s", "level": 9, "cpu_budget": 0.5}})
+    assert cfg.recompress == Recompress(enabled=False, idle=5.0, level=9, cpu_budget=0.5)
+
+
+def test_size_beyond_the_cores_one_tib_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^size: .*1 TiB"):
+        build({"size": "2T"})
+
+
 def test_size_beyond_four_times_ram_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"^size: .*4x RAM"):
         build({"size": (cfgmod.ram_bytes() * 5) // 4096 * 4096})
@@ -103,6 +135,19 @@ def test_size_beyond_four_times_ram_is_refused() -> None:
         ({"compaction": {"cpu_budget": 0}}, r"^compaction.cpu_budget: must be in"),
         ({"compaction": {"interval": -1}}, r"^compaction.interval: must be positive"),
         ({"compaction": {"interval": "5s"}}, r"^compaction.interval: expected a number"),
+        ({"recompress": "yes"}, r"^recompress: expected a table"),
+        ({"recompress": {"after": "5m"}}, r"^unknown key 'recompress.after'"),
+        ({"recompress": {"enabled": 1}}, r"^recompress.enabled: expected true or false"),
+        ({"recompress": {"idle": "soon"}}, r"^recompress.idle: bad duration"),
+        ({"recompress": {"idle": "10 minutes"}}, r"^recompress.idle: bad duration"),
+        ({"recompress": {"idle": "0.5s"}}, r"^recompress.idle: must be between 1s and 30d"),
+        ({"recompress": {"idle": "31d"}}, r"^recompress.idle: must be between 1s and 30d"),
+        ({"recompress": {"idle": True}}, r"^recompress.idle: expected a duration"),
+        ({"recompress": {"level": 0}}, r"^recompress.level: zstd level must be in \[1, 22\]"),
+        ({"recompress": {"level": 23}}, r"^recompress.level: zstd level must be in"),
+        ({"recompress": {"level": "3"}}, r"^recompress.level: expected an integer"),
+        ({"recompress": {"cpu_budget": 0}}, r"^recompress.cpu_budget: must be in \(0, 1\]"),
+        ({"recompress": {"cpu_budget": 2}}, r"^recompress.cpu_budget: must be in"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict[str, object], pattern: str) -> None:

@@ -24,7 +24,8 @@ DEFAULT_SWAP_PRIORITY = 100  # above disk swap (swapon's default priorities are 
 DEFAULT_SIZE_PERCENT = 50  # of RAM ...
 DEFAULT_SIZE_CAP = 64 << 30  # ... capped at 64 GiB
 MAX_SIZE_RAM_FACTOR = 4  # a swap device larger than 4x RAM is a typo (12 B of table per page)
-TABLE_BYTES_PER_PAGE = 16  # the C core's page table entry + two fill words
+TABLE_BYTES_PER_PAGE = 17  # the C core's page table entry, two fill words and the age byte
+MAX_SIZE = (1 << 40) - PAGE  # the C core's handles have 29 bits: 2^28 - 1 pages at most
 MAX_IO_THREADS = 64  # the C core's Hoard heaps (one per FUSE worker)
 COMPRESSORS = ("lz4", "zstd")
 LEVELS = {"lz4": (1, 12), "zstd": (-7, 22)}
@@ -44,6 +45,16 @@ class Compaction:
 
 
 @dataclass(frozen=True)
+class Recompress:
+    # Pages untouched (not read, not written) for `idle` seconds are stored again with zstd at
+    # `level` when that is smaller; the recompressor uses at most `cpu_budget` of one CPU.
+    enabled: bool = True
+    idle: float = 600.0
+    level: int = 3
+    cpu_budget: float = 0.1
+
+
+@dataclass(frozen=True)
 class Config:
     size: int
     compressor: str = "lz4"
@@ -55,6 +66,7 @@ class Config:
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     compaction: Compaction = field(default_factory=Compaction)
     io_threads: int = 0  # FUSE worker threads; 0 = one per CPU
+    recompress: Recompress = field(default_factory=Recompress)
 
     @property
     def worker_threads(self) -> int:
@@ -144,8 +156,14 @@ _TOP_KEYS = {
     "metrics_listen",
     "compaction",
     "io_threads",
+    "recompress",
 }
 _COMPACTION_KEYS = {"fragmentation", "cpu_budget", "interval"}
+_RECOMPRESS_KEYS = {"enabled", "idle", "level", "cpu_budget"}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+MIN_IDLE = 1.0  # seconds: the recompressor's clock ticks every idle / 4
+MAX_IDLE = 30 * 86400.0
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -184,6 +202,42 @@ def _compaction(craw: object) -> Compaction:
     return Compaction(frag, cpu, interval)
 
 
+def parse_duration(value: object, key: str) -> float:
+    """Seconds from a number or "N[ms|s|m|h|d]" ("10m", "5s", "1.5h")."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration, got a boolean")
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a duration, got {type(value).__name__}")
+    m = _DURATION_RE.match(value)
+    if not m:
+        raise ConfigError(f"{key}: bad duration {value!r} (a number with ms, s, m, h or d)")
+    return float(m.group(1)) * _DURATION_UNIT[m.group(2)]
+
+
+def _recompress(rraw: object) -> Recompress:
+    """The [recompress] table; missing keys take Recompress's defaults."""
+    if not isinstance(rraw, dict):
+        raise ConfigError("recompress: expected a table [recompress]")
+    for k in rraw:
+        if k not in _RECOMPRESS_KEYS:
+            raise ConfigError(f"unknown key 'recompress.{k}'")
+    d = Recompress()
+    enabled = _typed("recompress.enabled", rraw.get("enabled", d.enabled), bool, "true or false")
+    idle = parse_duration(rraw.get("idle", d.idle), "recompress.idle")
+    if not MIN_IDLE <= idle <= MAX_IDLE:
+        raise ConfigError(f"recompress.idle: must be between 1s and 30d, got {idle:g} s")
+    level = _typed("recompress.level", rraw.get("level", d.level), int, "an integer")
+    lo, hi = 1, LEVELS["zstd"][1]
+    if not lo <= level <= hi:
+        raise ConfigError(f"recompress.level: zstd level must be in [{lo}, {hi}], got {level}")
+    cpu = _typed("recompress.cpu_budget", rraw.get("cpu_budget", d.cpu_budget), float, "a number")
+    if not 0.0 < cpu <= 1.0:
+        raise ConfigError(f"recompress.cpu_budget: must be in (0, 1], got {cpu}")
+    return Recompress(enabled, idle, level, cpu)
+
+
 def build(raw: dict[str, Any]) -> Config:
     """Validate a dict of keys (file values already overridden by flags) into a Config."""
     for k in raw:
@@ -200,6 +254,8 @@ def build(raw: dict[str, Any]) -> Config:
         if not lo <= level <= hi:
             raise ConfigError(f"level: {comp} level must be in [{lo}, {hi}], got {level}")
     size = parse_size(raw["size"], "size") if "size" in raw else default_size()
+    if size > MAX_SIZE:
+        raise ConfigError(f"size: {size} bytes is more than the 1 TiB a device can be (less 4 KiB)")
     if size > MAX_SIZE_RAM_FACTOR * ram_bytes():
         raise ConfigError(
             f"size: {size} bytes is more than {MAX_SIZE_RAM_FACTOR}x RAM "
@@ -222,6 +278,7 @@ def build(raw: dict[str, Any]) -> Config:
     )
     parse_listen(listen, "metrics_listen")
     compaction = _compaction(raw.get("compaction", {}))
+    recompress = _recompress(raw.get("recompress", {}))
     threads = raw.get("io_threads", "auto")
     if threads == "auto":
         threads = 0
@@ -242,6 +299,7 @@ def build(raw: dict[str, Any]) -> Config:
         metrics_listen=listen,
         compaction=compaction,
         io_threads=threads,
+        recompress=recompress,
     )
 
 
@@ -257,4 +315,14 @@ def load(path: str | None, overrides: dict[str, Any]) -> Config:
     return build(raw)
 
 
-__all__ = ["Compaction", "Config", "ConfigError", "build", "load", "parse_size", "replace"]
+__all__ = [
+    "Compaction",
+    "Config",
+    "ConfigError",
+    "Recompress",
+    "build",
+    "load",
+    "parse_duration",
+    "parse_size",
+    "replace",
+]

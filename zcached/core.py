@@ -173,6 +173,19 @@ class CoreStore:
         if length > most:
             raise StoreError(errno.EINVAL, f"request of {length} bytes (at most {most})")
 
+    def tick(self) -> None:
+        """Advance the clock of page ages by one tick (the recompressor's)."""
+        self.core.tick()
+
+    def recompress(
+        self, start: int, max_scan: int, idle_ticks: int, level: int
+    ) -> tuple[int, dict[str, int]]:
+        """Store pages start..start+max_scan-1 that are idle (untouched for ``idle_ticks``
+        ticks) again with zstd at ``level`` when smaller; where to go on, and the report
+        (csrc/store.h, struct zc_recompress_report)."""
+        nxt, report = self.core.recompress(start, max_scan, idle_ticks, level)
+        return int(nxt), {k: int(v) for k, v in report.items()}
+
     def scrub(self) -> list[int]:
         """Verify every stored page; the pages failing their checksum (as PageStore.scrub;
         the first 4096 of them), each counted in checksum_errors."""

@@ -40,6 +40,13 @@ class CompactorLike(Protocol):
     seconds: float
 
 
+class RecompressorLike(Protocol):
+    runs: int
+    seconds: float
+    cpu_seconds: float
+    totals: dict[str, int]
+
+
 class StatsSource(Protocol):
     def stats(self) -> Any: ...
 
@@ -62,11 +69,13 @@ class ZcachedCollector(Collector):
         fuse: StatsSource | None = None,
         compactor: CompactorLike | None = None,
         info: Callable[[], Mapping[str, object]] | None = None,
+        recompressor: RecompressorLike | None = None,
     ) -> None:
         self.store = store
         self.fuse = fuse
         self.compactor = compactor
         self.info = info
+        self.recompressor = recompressor
         self._proc = psutil.Process()
 
     def collect(self) -> Iterable[Metric]:
@@ -100,7 +109,10 @@ class ZcachedCollector(Collector):
         yield c("zcached_failed_writes", "Failed write requests.", value=s.failed_writes)
         yield c("zcached_checksum_errors", "Pages failing verification.", value=s.checksum_errors)
 
-        yield from self._survival(getattr(self.store, "raw_stats", None))
+        raw_stats = getattr(self.store, "raw_stats", None)
+        yield from self._survival(raw_stats)
+        raw = raw_stats() if raw_stats is not None else {}
+        yield from self._codecs(s, raw, str(getattr(self.store, "compressor", "lz4")))
 
         alloc = getattr(self.store, "allocator", None)
         if alloc is not None:
@@ -130,6 +142,8 @@ class ZcachedCollector(Collector):
             yield c(
                 "zcached_compaction_seconds", "Time spent compacting.", value=self.compactor.seconds
             )
+
+        yield from self._recompressor()
 
         with self._proc.oneshot():
             mem = self._proc.memory_info()
@@ -170,6 +184,59 @@ class ZcachedCollector(Collector):
             "zcached_last_recovery_seconds",
             "Pause of the last restart or upgrade: old server gone to new one serving.",
             value=num("last_recovery_ms") / 1000,
+        )
+
+    def _recompressor(self) -> Iterable[Metric]:
+        """The recompressor's passes (zeros when it is disabled, or for the model)."""
+        r = self.recompressor
+        c = CounterMetricFamily
+        yield c("zcached_recompress_runs", "Recompression passes over the page table.",
+                value=r.runs if r else 0)  # fmt: skip
+        yield c("zcached_recompress_seconds", "Wall time of recompression passes.",
+                value=r.seconds if r else 0.0)  # fmt: skip
+        yield c("zcached_recompress_cpu_seconds", "CPU of recompression passes.",
+                value=r.cpu_seconds if r else 0.0)  # fmt: skip
+        res = c(
+            "zcached_recompress_tried_pages",
+            "Idle pages the recompressor tried, by result (this server's).",
+            labels=["result"],
+        )
+        for k in ("recompressed", "kept", "raced", "failed"):
+            res.add_metric([k], r.totals.get(k, 0) if r else 0)
+        yield res
+
+    @staticmethod
+    def _codecs(s: Any, raw: Mapping[str, int], base: str) -> Iterable[Metric]:
+        """Pages and object bytes per format: the store's codec, zstd (recompressed idle
+        pages, the cold format) and raw (huge pages); recompression's totals."""
+        cold, cold_bytes = raw.get("cold_pages", 0), raw.get("cold_bytes", 0)
+        huge = s.huge_pages
+        fast = s.pages_stored - s.same_pages - huge - cold
+        fast_bytes = s.compr_data_size - cold_bytes - huge * 4096
+        pages = GaugeMetricFamily(
+            "zcached_codec_pages", "Pages stored, per format.", labels=["codec"]
+        )
+        nbytes = GaugeMetricFamily(
+            "zcached_codec_bytes", "Object bytes stored, per format.", labels=["codec"]
+        )
+        for name, n, b in (
+            (base, fast, fast_bytes),
+            ("zstd-recompressed", cold, cold_bytes),
+            ("raw", huge, huge * 4096),
+        ):
+            pages.add_metric([name], n)
+            nbytes.add_metric([name], b)
+        yield pages
+        yield nbytes
+        yield CounterMetricFamily(
+            "zcached_recompressed_pages",
+            "Pages stored again in the cold format (zstd) since the store was made.",
+            value=raw.get("recompressed", 0),
+        )
+        yield CounterMetricFamily(
+            "zcached_recompress_saved_bytes",
+            "Object bytes recompression saved, summed as it happened (rewrites not deducted).",
+            value=raw.get("recompress_saved_bytes", 0),
         )
 
     @staticmethod
@@ -216,11 +283,12 @@ def start_exporter(
     fuse: StatsSource | None = None,
     compactor: CompactorLike | None = None,
     info: Callable[[], Mapping[str, object]] | None = None,
+    recompressor: RecompressorLike | None = None,
 ) -> Exporter:
     """Serve /metrics and /status on ``listen``; OSError if the address is busy."""
     host, port = parse_listen(listen)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ZcachedCollector(store, fuse, compactor, info))
+    registry.register(ZcachedCollector(store, fuse, compactor, info, recompressor))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -263,6 +331,11 @@ def status_document(
         "same_pages": s.same_pages,
         "huge_pages": s.huge_pages,
     }
+    raw_stats = getattr(store, "raw_stats", None)
+    if raw_stats is not None:
+        raw = raw_stats()
+        doc["recompressed_pages"] = raw.get("cold_pages", 0)
+        doc["recompressed_bytes"] = raw.get("cold_bytes", 0)
     if info is not None:
         doc.update(info())
     return doc

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from zcached.compactor import Compactor
     from zcached.core import CoreFuseLoop, CoreStore
     from zcached.metrics import Exporter
+    from zcached.recompressor import Recompressor
 
 log = logging.getLogger("zcached")
 
@@ -58,7 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _open_exporter(  # the exporter is imported only once the server serves
     cfg: cfgmod.Config, store: CoreStore, loop: CoreFuseLoop, compactor: Compactor,
-    info: dict[str, object], state_file: str,
+    recompressor: Recompressor | None, info: dict[str, object], state_file: str,
 ) -> Exporter | None:  # fmt: skip
     """The exporter, retrying a busy port for a moment (the server before us may still hold
     it as it dies); None, logged, if it stays busy."""
@@ -77,8 +78,9 @@ def _open_exporter(  # the exporter is imported only once the server serves
     while True:
         try:
             return start_exporter(
-                cfg.metrics_listen, store, fuse=loop, compactor=compactor, info=document
-            )
+                cfg.metrics_listen, store, fuse=loop, compactor=compactor, info=document,
+                recompressor=recompressor,
+            )  # fmt: skip
         except OSError as e:
             if time.monotonic() > deadline:
                 log.error("metrics address %s: %s (no metrics)", cfg.metrics_listen, e.strerror)
@@ -134,6 +136,7 @@ def serve(args: argparse.Namespace) -> int:
         _wait(signals, loop)
         return 2
     compactor = _start_compactor(cfg, store, signals)
+    recompressor = _start_recompressor(cfg, store)
     info: dict[str, object] = {
         "algorithm": store.compressor,
         "mountpoint": args.mountpoint,  # never stat the mount here: its attributes are cached
@@ -145,11 +148,13 @@ def serve(args: argparse.Namespace) -> int:
         "server_generation": args.generation,
         "recovery": rec,
     }
-    exporter = _open_exporter(cfg, store, loop, compactor, info, args.state_file)
+    exporter = _open_exporter(cfg, store, loop, compactor, recompressor, info, args.state_file)
     tell_keeper(args.ready_fd, b"M")
     os.close(args.ready_fd)
     _wait(signals, loop)
     compactor.stop()
+    if recompressor is not None:
+        recompressor.stop()
     if exporter is not None:
         exporter.close()
     return 0
@@ -172,6 +177,18 @@ def _start_compactor(cfg: cfgmod.Config, store: CoreStore, signals: Signals) -> 
     compactor.start()
     signals.on_compact(compactor.trigger)
     return compactor
+
+
+def _start_recompressor(cfg: cfgmod.Config, store: CoreStore) -> Recompressor | None:
+    from zcached.recompressor import Recompressor, RecompressPolicy
+
+    rc = cfg.recompress
+    if not rc.enabled:
+        return None
+    policy = RecompressPolicy(idle=rc.idle, level=rc.level, cpu_budget=rc.cpu_budget)
+    recompressor = Recompressor(store, policy, thread_init=_flusher)
+    recompressor.start()
+    return recompressor
 
 
 def _wait(signals: Signals, loop: CoreFuseLoop) -> None:
