@@ -111,7 +111,48 @@ def memory_rows(doc: dict[str, Any]) -> list[str]:
             _mib(cp.value(f"{m}.zram_mem_used_total")),
             cp.ratio(f"{m}.pool_plus_metadata_vs_zram"), "<= 1.0x",
         ))  # fmt: skip
-    return rows
+    return rows + recompress_rows(doc)
+
+
+def _us(v: float | None) -> str:
+    return MISSING if v is None else f"{v:,.1f} us"
+
+
+def recompress_rows(doc: dict[str, Any]) -> list[str]:
+    """Idle pages recompressed by a real daemon (bench/recompress_bench.py): its memory for
+    them next to zram's, reads of them next to reads of lz4 pages, the recompressor's CPU."""
+    rc = Source(doc, "recompress")
+    if not rc.ok:
+        return []
+    data = rc.value("bytes")
+    what = f"{data / 2**20:.0f} MiB of heap pages" if data else "the heap pages"
+    return [
+        _row(
+            f"memory for {what} once idle and recompressed (daemon Pss growth: pool, "
+            "dictionary, metadata; zram mem_used_total)",
+            _mib(rc.value("zcached.growth_recompressed")), _mib(rc.value("zram.mem_used_total")),
+            rc.ratio("growth_recompressed_vs_zram"), "<= 0.6x",
+        ),
+        _row(
+            "same, 4x the pages (four copies: the daemon's fixed costs weigh a quarter)",
+            _mib(rc.value("x4.zcached.growth_recompressed")),
+            _mib(rc.value("x4.zram.mem_used_total")),
+            rc.ratio("x4.growth_recompressed_vs_zram"), "<= 0.6x",
+        ),
+        _row(
+            "4K random read through FUSE of a recompressed page, mean (the ratio is to "
+            f"zcached's lz4 pages: {_us(rc.value('zcached.latency_lz4.mean_us'))})",
+            _us(rc.value("zcached.latency_recompressed.mean_us")),
+            _us(rc.value("zram.latency.mean_us")),
+            rc.ratio("read_mean_recompressed_vs_lz4"), "<= 1.5x",
+        ),
+        _row(
+            "recompressor CPU per page (share of a CPU it used; its budget 0.1)",
+            _us(rc.value("zcached.recompress_cpu_us_per_page"))
+            + f" ({rc.value('zcached.recompress_cpu_over_wall') or 0:.2f})",
+            "-", "-", "reported",
+        ),
+    ]  # fmt: skip
 
 
 def io_rows(doc: dict[str, Any]) -> list[str]:
@@ -132,7 +173,14 @@ def io_rows(doc: dict[str, Any]) -> list[str]:
 
 
 SWAP_MODULES = ("swap", "swapscale")  # 1x (repeated) and 2x/4x (once): same result shape
-TABLE_MODULES = ("compact", "core", "io", "recovery", *SWAP_MODULES)  # what the table quotes
+TABLE_MODULES = (
+    "compact",
+    "core",
+    "io",
+    "recompress",
+    "recovery",
+    *SWAP_MODULES,
+)  # what the table quotes
 
 
 def _scaled(doc: dict[str, Any]) -> list[tuple[Source, str]]:

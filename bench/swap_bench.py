@@ -291,9 +291,12 @@ def _zcached_bin() -> str:
 class Daemon:
     """``zcached run --swap`` as a subprocess (this process's child, outside the cgroup)."""
 
-    def __init__(self, size: int, workdir: str, *, swap: bool = True) -> None:
+    def __init__(
+        self, size: int, workdir: str, *, swap: bool = True, extra: list[str] | None = None
+    ) -> None:
         self.size = size
         self.swap = swap
+        self.extra = list(extra or [])
         self.mnt = os.path.join(workdir, "mnt")
         os.mkdir(self.mnt)
         self.log = os.path.join(workdir, "zcached.log")
@@ -305,6 +308,7 @@ class Daemon:
         argv = [_zcached_bin(), "run", "--size", str(self.size), "--mountpoint", self.mnt,
                 "--metrics-listen", self.addr]  # fmt: skip
         argv += ["--swap", "--swap-priority", str(PRIORITY)] if self.swap else ["--no-swap"]
+        argv += self.extra
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
         end = time.monotonic() + 60

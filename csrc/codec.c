@@ -1,7 +1,7 @@
 /* codec.c - compression, checksums and same-filled pages for the C core (see codec.h).
  *
- * Owns: the calls into the system liblz4, libzstd and libxxhash; nothing else.
- * Must not: allocate per page, lock, or know where a blob is stored.
+ * Owns: the calls into the system liblz4, libzstd (and its ZDICT trainer) and libxxhash.
+ * Must not: allocate per page, lock, or know where a blob or a dictionary is stored.
  *
  * Formats match zcached/codec.py (the reference model): LZ4 block without a size prefix, and
  * zstd frames in ZSTD_f_zstd1_magicless with no content size, checksum or dict id, so the
@@ -14,8 +14,10 @@
 
 #include <errno.h>
 #include <lz4.h>
+#include <stdlib.h>
 #include <string.h>
 #include <xxhash.h>
+#include <zdict.h>
 #include <zstd.h>
 
 #define WORDS_PER_PAGE (ZC_CODEC_PAGE / 8u)
@@ -165,22 +167,79 @@ int zc_codec_set_level(struct zc_codec *c, int level)
 	return 0;
 }
 
-int zc_codec_encode_cold(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len)
+int zc_codec_encode_cold(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len,
+			 unsigned id, const struct zc_dict *d)
 {
-	if (c->compressor != 1)
+	if (c->compressor != 1 || id >= ZC_MAX_DICTS || (id != 0) != (d != NULL))
+		return -EINVAL;
+	if (ZSTD_isError(ZSTD_CCtx_refCDict(c->cctx, d ? d->cdict : NULL)))
 		return -EINVAL;
 	uint32_t n = compress_page(c, page, out + ZC_COLD_HDR, ZC_CODEC_OUT_MAX - ZC_COLD_HDR);
 
 	if (n == 0 || n + ZC_COLD_HDR >= ZC_CODEC_PAGE)
 		return -E2BIG;
-	out[0] = 0; /* dictionary: none */
+	out[0] = (uint8_t)id;
 	*len = n + ZC_COLD_HDR;
 	return 0;
 }
 
-int zc_codec_decode_cold(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8_t *page)
+int zc_codec_decode_cold(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8_t *page,
+			 const struct zc_dict *d)
 {
-	if (c->compressor != 1 || len <= ZC_COLD_HDR || blob[0] != 0)
+	if (c->compressor != 1 || len <= ZC_COLD_HDR || (blob[0] != 0) != (d != NULL))
+		return -EIO;
+	if (ZSTD_isError(ZSTD_DCtx_refDDict(c->dctx, d ? d->ddict : NULL)))
 		return -EIO;
 	return zc_codec_decode(c, blob + ZC_COLD_HDR, len - ZC_COLD_HDR, page);
+}
+
+/* ---- dictionaries -------------------------------------------------------------------------- */
+
+int zc_dict_make(struct zc_dict *d, const uint8_t *bytes, uint32_t len, int level)
+{
+	memset(d, 0, sizeof(*d));
+	if (len == 0 || len > ZC_DICT_MAX || level < ZSTD_minCLevel() || level > ZSTD_maxCLevel())
+		return -EINVAL;
+	ZSTD_compressionParameters cp = ZSTD_getCParams(level, ZC_CODEC_PAGE, len);
+
+	d->cdict = ZSTD_createCDict_advanced(bytes, len, ZSTD_dlm_byRef, ZSTD_dct_fullDict, cp,
+					     ZSTD_defaultCMem);
+	d->ddict = ZSTD_createDDict_advanced(bytes, len, ZSTD_dlm_byRef, ZSTD_dct_fullDict,
+					     ZSTD_defaultCMem);
+	d->level = level;
+	if (!d->cdict || !d->ddict) {
+		zc_dict_free(d);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+void zc_dict_free(struct zc_dict *d)
+{
+	ZSTD_freeCDict(d->cdict);
+	ZSTD_freeDDict(d->ddict);
+	d->cdict = d->ddict = NULL;
+}
+
+uint64_t zc_dict_memory(const struct zc_dict *d)
+{
+	return (d->cdict ? ZSTD_sizeof_CDict(d->cdict) : 0) +
+	       (d->ddict ? ZSTD_sizeof_DDict(d->ddict) : 0);
+}
+
+int zc_dict_train(const uint8_t *pages, unsigned n, uint8_t *out, uint32_t cap, uint32_t *len)
+{
+	size_t *sizes = malloc(n * sizeof(*sizes));
+
+	if (!sizes)
+		return -ENOMEM;
+	for (unsigned i = 0; i < n; i++)
+		sizes[i] = ZC_CODEC_PAGE;
+	size_t r = ZDICT_trainFromBuffer(out, cap, pages, sizes, n);
+
+	free(sizes);
+	if (ZDICT_isError(r))
+		return -EINVAL;
+	*len = (uint32_t)r;
+	return 0;
 }

@@ -3,8 +3,9 @@
  * Owns: LZ4 (block format) and zstd (magic-less frames without content size, checksum or dict
  * id) with levels, same-filled page detection, the page checksum (low 32 bits of xxh3_64),
  * the "huge" decision (keep the page raw when it does not compress below the threshold), and
- * the cold format of recompressed pages: one byte naming the dictionary (0: none, the only
- * value this version writes or accepts), then a zstd frame as above.
+ * the cold format of recompressed pages (one byte naming the dictionary, 0 for none, then a
+ * zstd frame as above, made with that dictionary), and zstd dictionaries: training them
+ * (libzstd's ZDICT) and digesting them for use.
  * Must not: know handles, the page table, locks or FUSE.  A zc_codec holds per-thread state
  * (the zstd contexts): one thread uses it at a time.  No function allocates per page.
  */
@@ -38,12 +39,38 @@ int zc_codec_encode(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint3
 /* Decode a ZC_COMPRESSED blob into page[4096]; 0, or -EIO unless it is exactly one page. */
 int zc_codec_decode(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8_t *page);
 
+/* A zstd dictionary digested for compression (at one level) and decompression.  Both halves
+ * are read-only once made and may be used by any number of threads at once; they reference
+ * the dictionary's bytes, which must outlive them. */
+#define ZC_MAX_DICTS 16u          /* dictionary ids 1..15 (0: none) */
+#define ZC_DICT_MAX (64u * 1024u) /* bytes of one dictionary at most */
+struct zc_dict {
+	void *cdict, *ddict;
+	int level;
+};
+/* 0, or -EINVAL (not a dictionary zstd can use) / -ENOMEM. */
+int zc_dict_make(struct zc_dict *d, const uint8_t *bytes, uint32_t len, int level);
+void zc_dict_free(struct zc_dict *d);
+/* Process memory the digested dictionary takes. */
+uint64_t zc_dict_memory(const struct zc_dict *d);
+/* Train a dictionary of at most cap bytes on n pages (4096 bytes each, contiguous): 0 and
+ * *len, or -EINVAL when zstd finds nothing worth a dictionary in them. */
+int zc_dict_train(const uint8_t *pages, unsigned n, uint8_t *out, uint32_t cap, uint32_t *len);
+
 /* The cold format (recompressed idle pages).  c must be a zstd codec.  encode_cold: 0 and the
- * blob in out[0..*len) with *len < 4096, or -E2BIG when the page does not get that small.
- * decode_cold: 0, or -EIO unless the blob is exactly one page in the cold format. */
+ * blob in out[0..*len) with *len < 4096, or -E2BIG when the page does not get that small;
+ * with dictionary d (id 1..15) or none (d NULL, id 0).  decode_cold: 0, or -EIO unless the
+ * blob is exactly one page in the cold format; d is the dictionary its first byte names
+ * (zc_cold_dict_id), NULL for 0. */
 #define ZC_COLD_HDR 1u
-int zc_codec_encode_cold(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len);
-int zc_codec_decode_cold(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8_t *page);
+int zc_codec_encode_cold(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len,
+			 unsigned id, const struct zc_dict *d);
+int zc_codec_decode_cold(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8_t *page,
+			 const struct zc_dict *d);
+static inline unsigned zc_cold_dict_id(const uint8_t *blob)
+{
+	return blob[0];
+}
 /* Change a zstd codec's level; 0 or -EINVAL. */
 int zc_codec_set_level(struct zc_codec *c, int level);
 

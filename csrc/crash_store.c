@@ -4,7 +4,8 @@
  * log, and, each round, a forked child that attaches the arena as a new server would
  * (zc_store_attach), runs W writer threads (each on its own disjoint pages, so every page has
  * one writer) and a compactor that also recompresses (a tick, then every page idle for one
- * tick stored again in the cold format), and is killed with SIGKILL a random 0..30 ms after its workers
+ * tick stored again in the cold format; now and then a zstd dictionary trained on samples
+ * of the pages written and made current), and is killed with SIGKILL a random 0..30 ms after its workers
  * started (one kill in 8: after the fork, which also cuts attaches short; every
  * CLEAN_EVERY-th round it instead finishes a fixed number of operations and exits 0).  The
  * parent then attaches the arena itself (the recovery under test), checks the allocator
@@ -462,6 +463,15 @@ static void *compactor_main(void *arg)
 		cursor = zc_store_recompress(c, cursor, 64, 1, 1, &rr);
 		if (cursor >= NPAGES)
 			cursor = 0;
+		if (round % 64 == 0) { /* a dictionary now and then: trained, made current */
+			unsigned id;
+
+			struct zc_store_stats st;
+
+			zc_store_stats(S, &st);
+			if (zc_store_train_dict(S, 4096, 1, &id) == -EAGAIN && !st.sample_cap)
+				(void)zc_store_sample(S, ZC_MIN_SAMPLES, 1);
+		}
 		if (++round % 256 == 0) {
 			uint64_t bad = 0;
 

@@ -357,6 +357,8 @@ static const struct {
 	STAT(table_bytes),    STAT(objects),         STAT(metadata_bytes),  STAT(arena_bytes),
 	STAT(vpages_to_global), STAT(recoveries),    STAT(lost_pages),      STAT(cold_pages),
 	STAT(cold_bytes),     STAT(recompressed),    STAT(recompress_saved_bytes), STAT(epoch),
+	STAT(dicts),          STAT(dict_bytes),      STAT(dict_memory),     STAT(dict_current),
+	STAT(dicts_trained),  STAT(samples),         STAT(sample_cap),      STAT(sample_memory),
 };
 
 static PyObject *Store_stats(StoreObject *so, PyObject *Py_UNUSED(ignored))
@@ -413,8 +415,9 @@ static PyObject *Store_tick(StoreObject *so, PyObject *Py_UNUSED(ignored))
 
 static PyObject *Store_recompress(StoreObject *so, PyObject *args)
 {
-	static const char *const names[] = {"scanned",	 "candidates",	 "recompressed", "kept",
-					    "raced",	 "failed",	 "bytes_before", "bytes_after"};
+	static const char *const names[] = {"scanned", "candidates",   "recompressed",
+					    "kept",    "raced",	       "failed",
+					    "bytes_before", "bytes_after", "dict"};
 	unsigned long long start, max_scan;
 	unsigned idle;
 	int level;
@@ -441,11 +444,70 @@ static PyObject *Store_recompress(StoreObject *so, PyObject *args)
 		PyErr_SetString(PyExc_ValueError, "recompress: idle_ticks must be in 1..64 and level a zstd level");
 		return NULL;
 	}
-	const uint64_t vals[] = {r.scanned, r.candidates, r.recompressed, r.kept,
-				 r.raced,   r.failed,	  r.bytes_before, r.bytes_after};
+	const uint64_t vals[] = {r.scanned, r.candidates,   r.recompressed, r.kept,  r.raced,
+				 r.failed,  r.bytes_before, r.bytes_after,  r.dict};
 	PyObject *d = u64_dict(names, vals, sizeof(vals) / sizeof(vals[0]));
 
 	return d ? Py_BuildValue("(KN)", (unsigned long long)next, d) : NULL;
+}
+
+static PyObject *Store_sample(StoreObject *so, PyObject *args)
+{
+	unsigned pages, stride = 1;
+	int rc;
+
+	if (!PyArg_ParseTuple(args, "I|I", &pages, &stride) || !store_ready(so))
+		return NULL;
+	so->busy++;
+	Py_BEGIN_ALLOW_THREADS
+	rc = zc_store_sample(so->s, pages, stride);
+	Py_END_ALLOW_THREADS
+	so->busy--;
+	if (rc)
+		return raise_errno(rc);
+	Py_RETURN_NONE;
+}
+
+static PyObject *Store_train_dictionary(StoreObject *so, PyObject *args)
+{
+	unsigned dict_bytes, id = 0;
+	int level, rc;
+
+	if (!PyArg_ParseTuple(args, "Ii", &dict_bytes, &level) || !store_ready(so))
+		return NULL;
+	so->busy++;
+	Py_BEGIN_ALLOW_THREADS
+	rc = zc_store_train_dict(so->s, dict_bytes, level, &id);
+	Py_END_ALLOW_THREADS
+	so->busy--;
+	if (rc)
+		return raise_errno(rc);
+	return PyLong_FromUnsignedLong(id);
+}
+
+static PyObject *Store_set_dictionary(StoreObject *so, PyObject *args)
+{
+	Py_buffer b;
+	int level, rc;
+	unsigned id = 0;
+
+	if (!PyArg_ParseTuple(args, "y*i", &b, &level))
+		return NULL;
+	if (!store_ready(so) || b.len > (Py_ssize_t)ZC_DICT_MAX) {
+		if (!PyErr_Occurred())
+			PyErr_SetString(PyExc_ValueError, "dictionary larger than 64 KiB");
+		PyBuffer_Release(&b);
+		return NULL;
+	}
+	so->busy++;
+	Py_BEGIN_ALLOW_THREADS
+	rc = zc_store_set_dict(so->s, b.buf, (uint32_t)b.len, level, &id);
+	Py_END_ALLOW_THREADS
+	so->busy--;
+	PyBuffer_Release(&b);
+	if (rc)
+		return raise_errno(rc);
+	return PyLong_FromUnsignedLong(id);
 }
 
 static PyObject *Store_reclaimable_bytes(StoreObject *so, PyObject *Py_UNUSED(ignored))
@@ -614,6 +676,12 @@ static PyMethodDef Store_methods[] = {
 	{"stats", (PyCFunction)Store_stats, METH_NOARGS, "counters as a dict"},
 	{"compact", (PyCFunction)Store_compact, METH_VARARGS, "compact(max_moves=0) -> moved"},
 	{"tick", (PyCFunction)Store_tick, METH_NOARGS, "advance the page-age clock by one tick"},
+	{"sample", (PyCFunction)Store_sample, METH_VARARGS,
+	 "sample(pages, stride=1): fill a reservoir with pages writers store (0: stop)"},
+	{"train_dictionary", (PyCFunction)Store_train_dictionary, METH_VARARGS,
+	 "train_dictionary(dict_bytes, level) -> id: train on the reservoir, make it current"},
+	{"set_dictionary", (PyCFunction)Store_set_dictionary, METH_VARARGS,
+	 "set_dictionary(bytes, level) -> id: make a given dictionary current"},
 	{"recompress", (PyCFunction)Store_recompress, METH_VARARGS,
 	 "recompress(start, max_scan, idle_ticks, level) -> (next, report)"},
 	{"reclaimable_bytes", (PyCFunction)Store_reclaimable_bytes, METH_NOARGS, ""},
@@ -968,10 +1036,40 @@ static PyTypeObject HoldType = {
 
 /* ---- module -------------------------------------------------------------------------------- */
 
+static PyObject *probe_arena(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+	int fd, rc;
+	uint32_t version = 0;
+
+	if (!PyArg_ParseTuple(args, "i", &fd))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	rc = zc_store_probe(fd, &version);
+	Py_END_ALLOW_THREADS
+	if (rc == -EPROTO && version && version != ZC_ARENA_VERSION)
+		return PyErr_Format(PyExc_ValueError,
+				    "the store's arena has format %u, this version reads format %u",
+				    version, ZC_ARENA_VERSION);
+	if (rc == -EPROTO)
+		return PyErr_Format(PyExc_ValueError,
+				    "the arena is not one this version lays out (format %u)",
+				    ZC_ARENA_VERSION);
+	if (rc)
+		return raise_errno(rc);
+	Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+	{"probe_arena", probe_arena, METH_VARARGS,
+	 "probe_arena(fd): None if this version can attach the arena in memfd fd, else ValueError"},
+	{NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef core_module = {
 	PyModuleDef_HEAD_INIT, .m_name = "zcached._core",
 	.m_doc = "The C data path of zcached: page store, xcfmalloc, codecs and the FUSE loop.",
 	.m_size = -1,
+	.m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__core(void)
@@ -987,6 +1085,7 @@ PyMODINIT_FUNC PyInit__core(void)
 	    PyModule_AddObjectRef(m, "Fuse", (PyObject *)&FuseType) ||
 	    PyModule_AddObjectRef(m, "Hold", (PyObject *)&HoldType) ||
 	    PyModule_AddIntConstant(m, "PAGE_SIZE", ZC_PAGE_SIZE) ||
+	    PyModule_AddIntConstant(m, "ARENA_VERSION", ZC_ARENA_VERSION) ||
 	    PyModule_AddIntConstant(m, "MAX_REQUEST", ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE)) {
 		Py_DECREF(m);
 		return NULL;

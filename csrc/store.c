@@ -15,6 +15,8 @@
  *   off_pte     u64 pte[npages]
  *   off_fill    u32 fill_hi[npages][2]
  *   off_age     u8 age[npages]
+ *   off_dict    u8 dict[ZC_MAX_DICTS][ZC_DICT_MAX]: zstd dictionaries, slot i holds id i
+ *               (hdr->dict_len[i] bytes, trained at hdr->dict_level[i]); slot 0 is unused
  *   off_ctx     struct zc_ctx_stats[ZC_MAX_CTX]: slot 0 holds the counters of contexts that
  *               ended (and of servers that died); slots 1.. one per live context
  *   off_xcf     the allocator's region (xcfmalloc.c: its metadata, then the pool pages)
@@ -51,6 +53,14 @@
  *     first, then committed under all its stripe locks at once.
  *  S4 Bytes returned by a read matched their checksum (or are EMPTY/SAME pages); else -EIO
  *     and checksum_errors++.
+ *  S6 A dictionary's bytes are complete before its length is stored (which makes the slot
+ *     live), and it is made current after that; a page is recompressed only with the current
+ *     one.  A slot is freed (length 0, then its bytes punched) only when it is not current, no
+ *     entry names an object made with it (dict_refs, recounted at attach) and no snapshot holds
+ *     it for a decode (dict_holds: taken under the stripe lock of the entry read, before that
+ *     entry can be replaced and its reference dropped).  So no decode ever meets a freed
+ *     dictionary, and a server that dies leaves at worst a live slot nobody uses (freed by
+ *     the next attach) or a dead one half written (length 0: it is nothing).
  *  S5 Recompression replaces an entry only if it is still the entry it decoded and verified,
  *     checked and published under the page's stripe lock (a write or discard in between wins;
  *     the new object is dropped), keeping the checksum; as every replacement, it frees the old
@@ -64,6 +74,8 @@
  *  pages happen outside them (edge pages of unaligned writes and discards are merged under
  *  them).  Allocator locks are taken inside stripe locks, never the other way round.
  *  ctx_lock guards the context slots (taken when a context is made or freed, and by stats).
+ *  dict_lock guards the dictionary slots (made current, freed) and the sample reservoir; a
+ *  writer offering a sample only tries it (never waits); stripe locks are never taken inside.
  *  The locks live in the process (struct zc_store), never in the arena: a server that dies
  *  holding one leaves nothing locked for the next.
  *
@@ -85,7 +97,9 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "arena.h"
 #include "codec.h"
@@ -93,7 +107,6 @@
 #include "xcfmalloc.h"
 
 #define ZC_MAGIC "ZCACHED1"
-#define ZC_VERSION 3u
 #define ZC_NSTRIPES 64u
 #define ZC_STRIPE_SHIFT 6
 #define ZC_MAX_CTX 256u
@@ -128,7 +141,10 @@ struct zc_hdr {
 	uint64_t off_pte, off_fill, off_age, off_ctx, off_xcf;
 	uint64_t pool_pages, max_handles, max_vpages;
 	uint64_t recoveries, lost_pages;
-	uint32_t epoch, pad;
+	uint32_t epoch, dict_current;
+	uint64_t off_dict;
+	uint32_t dict_len[ZC_MAX_DICTS];
+	int32_t dict_level[ZC_MAX_DICTS];
 	uint32_t front[ZC_FRONT_WORDS];
 };
 
@@ -153,6 +169,15 @@ struct zc_store {
 	struct zc_store_config cfg;
 	pthread_mutex_t stripes[ZC_NSTRIPES];
 	pthread_mutex_t ctx_lock;
+	uint8_t *dict_bytes;                  /* the arena's dictionary region */
+	pthread_mutex_t dict_lock;            /* see LOCKING */
+	struct zc_dict dicts[ZC_MAX_DICTS];   /* digested live slots (process memory) */
+	uint64_t dict_refs[ZC_MAX_DICTS];     /* cold entries naming each (atomic) */
+	uint64_t dict_holds[ZC_MAX_DICTS];    /* snapshots holding each for a decode (atomic) */
+	uint64_t dict_trained;                /* dictionaries this process trained */
+	uint8_t *samples;                     /* the reservoir: sample_cap pages, or NULL */
+	uint32_t sample_cap, nsamples, sample_stride;
+	uint32_t sampling;                    /* 1 while the reservoir fills (__atomic) */
 };
 
 /* An unaligned request of ZC_MAX_REQ_PAGES * 4096 bytes spans one page more. */
@@ -168,6 +193,8 @@ struct zc_ctx {
 	uint32_t obj_off[ZC_MAX_SPAN], obj_len[ZC_MAX_SPAN];
 	uint64_t snap[ZC_MAX_SPAN];
 	uint32_t snap_fill[ZC_MAX_SPAN];
+	uint8_t snap_dict[ZC_MAX_SPAN]; /* the dictionary snapshot i holds (0: none) */
+	uint32_t sample_tick;           /* pages this context offered the reservoir */
 	uint64_t newe[ZC_MAX_SPAN];
 	uint32_t newf[ZC_MAX_SPAN];
 	uint64_t olde[ZC_CLEAR_RUN];
@@ -209,6 +236,88 @@ static void unlock_stripes(struct zc_store *s, uint64_t set)
 			pthread_mutex_unlock(&s->stripes[i]);
 }
 
+/* ---- dictionaries (S6) ---------------------------------------------------------------------- */
+
+/* The dictionary a live cold object was made with (its first byte); 0 for none or a bad one. */
+static unsigned cold_dict_of(struct zc_store *s, uint64_t e)
+{
+	uint8_t id = 0;
+
+	if (xcf_peek(s->pool, PTE_HANDLE(e), &id, 1) != 1 || id >= ZC_MAX_DICTS)
+		return 0;
+	return id;
+}
+
+static void dict_ref(struct zc_store *s, uint64_t e, uint64_t delta)
+{
+	unsigned id = cold_dict_of(s, e);
+
+	if (id)
+		__atomic_fetch_add(&s->dict_refs[id], delta, __ATOMIC_SEQ_CST);
+}
+
+static void dict_hold(struct zc_store *s, unsigned id)
+{
+	__atomic_fetch_add(&s->dict_holds[id], 1, __ATOMIC_SEQ_CST);
+}
+
+static void dict_release(struct zc_store *s, unsigned id)
+{
+	__atomic_fetch_sub(&s->dict_holds[id], 1, __ATOMIC_SEQ_CST);
+}
+
+/* The digested dictionary `id` names, if live (NULL for 0 or a slot that is not). */
+static const struct zc_dict *dict_of(struct zc_store *s, unsigned id)
+{
+	if (id == 0 || id >= ZC_MAX_DICTS || !s->dicts[id].ddict)
+		return NULL;
+	return &s->dicts[id];
+}
+
+static uint8_t *dict_slot(struct zc_store *s, unsigned id)
+{
+	return s->dict_bytes + (uint64_t)id * ZC_DICT_MAX;
+}
+
+/* Free every slot S6 allows (caller holds dict_lock); returns how many are still live. */
+static unsigned dict_gc(struct zc_store *s)
+{
+	unsigned live = 0;
+
+	for (unsigned id = 1; id < ZC_MAX_DICTS; id++) {
+		if (!RLOAD(s->hdr->dict_len[id]))
+			continue;
+		if (id == RLOAD(s->hdr->dict_current) ||
+		    __atomic_load_n(&s->dict_refs[id], __ATOMIC_SEQ_CST) ||
+		    __atomic_load_n(&s->dict_holds[id], __ATOMIC_SEQ_CST)) {
+			live++;
+			continue;
+		}
+		STORE(s->hdr->dict_len[id], 0);
+		zc_dict_free(&s->dicts[id]);
+		zc_arena_punch(&s->arena, (uint64_t)(dict_slot(s, id) - s->arena.base), ZC_DICT_MAX);
+	}
+	return live;
+}
+
+/* A page a writer stored: every sample_stride-th one goes to the reservoir while it fills. */
+static void offer_sample(struct zc_ctx *c, const uint8_t *page)
+{
+	struct zc_store *s = c->s;
+
+	if (!__atomic_load_n(&s->sampling, __ATOMIC_RELAXED) || ++c->sample_tick % 8u ||
+	    pthread_mutex_trylock(&s->dict_lock))
+		return;
+	if (s->samples && s->nsamples < s->sample_cap &&
+	    c->sample_tick / 8u % s->sample_stride == 0) {
+		memcpy(s->samples + (uint64_t)s->nsamples * ZC_PAGE_SIZE, page, ZC_PAGE_SIZE);
+		s->nsamples++;
+	}
+	if (!s->samples || s->nsamples == s->sample_cap)
+		__atomic_store_n(&s->sampling, 0, __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&s->dict_lock);
+}
+
 /* ---- counters ------------------------------------------------------------------------------ */
 
 /* Entry old replaced by new (both objects still live). */
@@ -219,10 +328,12 @@ static void count_state(struct zc_ctx *c, uint64_t old, uint64_t new)
 	if (PTE_IS_COLD(old)) {
 		BUMP(c->st->cold_pages, (uint64_t)-1);
 		BUMP(c->st->cold_bytes, -(uint64_t)xcf_size(c->s->pool, PTE_HANDLE(old)));
+		dict_ref(c->s, old, (uint64_t)-1);
 	}
 	if (PTE_IS_COLD(new)) {
 		BUMP(c->st->cold_pages, 1);
 		BUMP(c->st->cold_bytes, xcf_size(c->s->pool, PTE_HANDLE(new)));
+		dict_ref(c->s, new, 1);
 	}
 }
 
@@ -314,6 +425,8 @@ static int encode_store(struct zc_ctx *c, const uint8_t *page, uint64_t *e, uint
 
 	if (rc)
 		return rc;
+	if (kind == ZC_COMPRESSED)
+		offer_sample(c, page);
 	if (h > ZC_MAX_HANDLE) {
 		xcf_free(c->s->pool, c->heap, h);
 		return -ENOSPC;
@@ -330,6 +443,7 @@ static int snapshot(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t *at)
 
 	c->snap[i] = e;
 	c->snap_fill[i] = PTE_STATE(e) == ZC_SAME ? fill_of(s, p, e) : 0;
+	c->snap_dict[i] = 0;
 	c->obj_len[i] = 0;
 	if (PTE_STATE(e) < ZC_COMPRESSED)
 		return 0;
@@ -337,10 +451,28 @@ static int snapshot(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t *at)
 
 	if (n < 0)
 		return -EIO;
+	if (PTE_IS_COLD(e) && n > 0) {
+		unsigned id = zc_cold_dict_id(c->scratch + *at);
+
+		if (id && id < ZC_MAX_DICTS) {
+			dict_hold(s, id);
+			c->snap_dict[i] = (uint8_t)id;
+		}
+	}
 	c->obj_off[i] = *at;
 	c->obj_len[i] = (uint32_t)n;
 	*at += (uint32_t)n;
 	return 0;
+}
+
+/* Give back the dictionaries snapshots lo..hi-1 hold (after their decodes). */
+static void release_snapshots(struct zc_ctx *c, unsigned lo, unsigned hi)
+{
+	for (unsigned i = lo; i < hi; i++)
+		if (c->snap_dict[i]) {
+			dict_release(c->s, c->snap_dict[i]);
+			c->snap_dict[i] = 0;
+		}
 }
 
 /* The page that snapshot i holds, verified (S4), into out[4096]. */
@@ -362,7 +494,8 @@ static int materialise(struct zc_ctx *c, unsigned i, uint8_t *out)
 		memcpy(out, obj, ZC_PAGE_SIZE);
 		break;
 	default:
-		if (e & PTE_COLD ? zc_codec_decode_cold(&c->cold, obj, c->obj_len[i], out)
+		if (e & PTE_COLD ? zc_codec_decode_cold(&c->cold, obj, c->obj_len[i], out,
+							dict_of(c->s, c->snap_dict[i]))
 				 : zc_codec_decode(&c->codec, obj, c->obj_len[i], out))
 			return -EIO;
 	}
@@ -411,6 +544,7 @@ int zc_store_read(struct zc_ctx *c, uint64_t off, uint32_t len, uint8_t *out)
 			memcpy(dst, c->page + lo, hi - lo);
 		}
 	}
+	release_snapshots(c, 0, n);
 	if (rc) {
 		BUMP(c->st->failed_reads, 1);
 		return integrity_error(c);
@@ -436,6 +570,7 @@ static int merge_edge(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t lo, uin
 
 	if (!rc)
 		rc = materialise(c, i, c->page);
+	release_snapshots(c, i, i + 1);
 	if (rc) { /* as the model's _integrity_error: a failed read of the page */
 		BUMP(c->st->failed_reads, 1);
 		return integrity_error(c);
@@ -657,7 +792,7 @@ static int replace_if_unchanged(struct zc_ctx *c, uint64_t p, uint64_t e, uint64
 }
 
 /* Recompress page p, which held entry e: 0 (done), or why not (counted in *r). */
-static void recompress_page(struct zc_ctx *c, uint64_t p, uint64_t e,
+static void recompress_page(struct zc_ctx *c, uint64_t p, uint64_t e, unsigned id,
 			    struct zc_recompress_report *r)
 {
 	struct zc_store *s = c->s;
@@ -673,14 +808,18 @@ static void recompress_page(struct zc_ctx *c, uint64_t p, uint64_t e,
 		r->raced++;
 		return;
 	}
-	if (rc || materialise(c, 0, c->page)) {
+	if (!rc)
+		rc = materialise(c, 0, c->page);
+	release_snapshots(c, 0, 1);
+	if (rc) {
 		integrity_error(c);
 		r->failed++;
 		return;
 	}
 	uint32_t old_len = c->obj_len[0];
 
-	if (zc_codec_encode_cold(&c->cold, c->page, c->enc, &len) || len >= old_len) {
+	if (zc_codec_encode_cold(&c->cold, c->page, c->enc, &len, id, dict_of(s, id)) ||
+	    len >= old_len) {
 		mark_tried(s, p, a);
 		r->kept++;
 		return;
@@ -717,6 +856,12 @@ uint64_t zc_store_recompress(struct zc_ctx *c, uint64_t start, uint64_t max_scan
 	memset(r, 0, sizeof(*r));
 	if (idle_ticks < 1 || idle_ticks > AGE_MAX_IDLE || zc_codec_set_level(&c->cold, level))
 		return UINT64_MAX;
+	pthread_mutex_lock(&s->dict_lock);
+	unsigned id = dict_of(s, RLOAD(s->hdr->dict_current)) ? RLOAD(s->hdr->dict_current) : 0;
+
+	if (id)
+		dict_hold(s, id); /* the current one for this call: it cannot be freed meanwhile */
+	pthread_mutex_unlock(&s->dict_lock);
 	for (uint64_t p = start; p < end; p++) {
 		uint64_t e = RLOAD(s->pte[p]);
 
@@ -724,9 +869,112 @@ uint64_t zc_store_recompress(struct zc_ctx *c, uint64_t start, uint64_t max_scan
 		if (!recompress_candidate(s, p, e, idle_ticks))
 			continue;
 		r->candidates++;
-		recompress_page(c, p, e, r);
+		recompress_page(c, p, e, id, r);
 	}
+	if (id)
+		dict_release(s, id);
+	r->dict = id;
 	return end;
+}
+
+int zc_store_sample(struct zc_store *s, uint32_t pages, uint32_t stride)
+{
+	uint8_t *buf = NULL;
+
+	if (pages > ZC_MAX_SAMPLES || stride < 1)
+		return -EINVAL;
+	if (pages && !(buf = malloc((size_t)pages * ZC_PAGE_SIZE)))
+		return -ENOMEM;
+	pthread_mutex_lock(&s->dict_lock);
+	free(s->samples);
+	s->samples = buf;
+	s->sample_cap = pages;
+	s->nsamples = 0;
+	s->sample_stride = stride;
+	__atomic_store_n(&s->sampling, pages ? 1u : 0u, __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&s->dict_lock);
+	return 0;
+}
+
+/* A free slot for a new dictionary (caller holds dict_lock), after freeing what S6 allows. */
+static unsigned dict_free_slot(struct zc_store *s)
+{
+	dict_gc(s);
+	for (unsigned id = 1; id < ZC_MAX_DICTS; id++)
+		if (!RLOAD(s->hdr->dict_len[id]) && !s->dicts[id].ddict &&
+		    !__atomic_load_n(&s->dict_holds[id], __ATOMIC_SEQ_CST))
+			return id;
+	return 0;
+}
+
+/* Make slot id live with bytes[0..len) and current (caller holds dict_lock); S6's order. */
+static int dict_publish(struct zc_store *s, unsigned id, const uint8_t *bytes, uint32_t len,
+			int level)
+{
+	uint8_t *slot = dict_slot(s, id);
+
+	memcpy(slot, bytes, len);
+	int rc = zc_dict_make(&s->dicts[id], slot, len, level);
+
+	if (rc)
+		return rc;
+	s->hdr->dict_level[id] = level;
+	STORE(s->hdr->dict_len[id], len);
+	STORE(s->hdr->dict_current, id);
+	return 0;
+}
+
+int zc_store_train_dict(struct zc_store *s, uint32_t dict_bytes, int level, unsigned *id)
+{
+	*id = 0;
+	if (dict_bytes < 1024 || dict_bytes > ZC_DICT_MAX)
+		return -EINVAL;
+	pthread_mutex_lock(&s->dict_lock);
+	uint8_t *samples = s->samples;
+	uint32_t n = s->nsamples;
+
+	if (n < ZC_MIN_SAMPLES) { /* the reservoir (if any) fills on */
+		pthread_mutex_unlock(&s->dict_lock);
+		return -EAGAIN;
+	}
+	s->samples = NULL; /* the reservoir is this call's now; writers see it gone */
+	s->sample_cap = s->nsamples = 0;
+	__atomic_store_n(&s->sampling, 0, __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&s->dict_lock);
+	uint8_t *dict = malloc(dict_bytes);
+	uint32_t len = 0;
+	int rc = dict ? zc_dict_train(samples, n, dict, dict_bytes, &len) : -ENOMEM;
+
+	free(samples);
+	if (!rc) {
+		pthread_mutex_lock(&s->dict_lock);
+		unsigned slot = dict_free_slot(s);
+
+		rc = slot ? dict_publish(s, slot, dict, len, level) : -ENOSPC;
+		if (!rc) {
+			*id = slot;
+			s->dict_trained++;
+		}
+		pthread_mutex_unlock(&s->dict_lock);
+	}
+	free(dict);
+	return rc;
+}
+
+int zc_store_set_dict(struct zc_store *s, const uint8_t *bytes, uint32_t len, int level,
+		      unsigned *id)
+{
+	*id = 0;
+	if (len == 0 || len > ZC_DICT_MAX)
+		return -EINVAL;
+	pthread_mutex_lock(&s->dict_lock);
+	unsigned slot = dict_free_slot(s);
+	int rc = slot ? dict_publish(s, slot, bytes, len, level) : -ENOSPC;
+
+	if (!rc)
+		*id = slot;
+	pthread_mutex_unlock(&s->dict_lock);
+	return rc;
 }
 
 /* ---- scrub and test hooks ------------------------------------------------------------------ */
@@ -751,6 +999,7 @@ uint64_t zc_store_scrub(struct zc_ctx *c, uint64_t *bad, uint64_t *pages, uint64
 			continue;
 		if (!rc)
 			rc = materialise(c, 0, c->page);
+		release_snapshots(c, 0, 1);
 		checked++;
 		if (rc) {
 			if (*bad < max_pages)
@@ -839,6 +1088,24 @@ void zc_store_stats(struct zc_store *s, struct zc_store_stats *out)
 	out->recompressed = sum.recompressed;
 	out->recompress_saved_bytes = sum.saved_bytes;
 	out->epoch = RLOAD(s->hdr->epoch);
+	pthread_mutex_lock(&s->dict_lock);
+	dict_gc(s);
+	for (unsigned id = 1; id < ZC_MAX_DICTS; id++) {
+		uint32_t len = RLOAD(s->hdr->dict_len[id]);
+
+		if (!len)
+			continue;
+		out->dicts++;
+		out->dict_bytes += len;
+		out->dict_memory += zc_dict_memory(&s->dicts[id]);
+	}
+	out->dict_current = RLOAD(s->hdr->dict_current);
+	out->dicts_trained = s->dict_trained;
+	out->samples = s->nsamples;
+	out->sample_cap = s->sample_cap;
+	out->sample_memory = s->samples ? (uint64_t)s->sample_cap * ZC_PAGE_SIZE : 0;
+	pthread_mutex_unlock(&s->dict_lock);
+	out->metadata_bytes += align4k(out->dict_bytes) + out->dict_memory + out->sample_memory;
 }
 
 unsigned zc_store_fragmentation(struct zc_store *s, struct xcf_class_usage *out, unsigned n)
@@ -950,7 +1217,7 @@ static void write_header(struct zc_store *s, const struct xcf_geometry *g)
 	struct zc_hdr *h = s->hdr;
 
 	memcpy(h->magic, ZC_MAGIC, 8);
-	h->version = ZC_VERSION;
+	h->version = ZC_ARENA_VERSION;
 	h->hdr_bytes = sizeof(*h);
 	h->arena_bytes = s->arena.size;
 	h->size = s->cfg.size;
@@ -966,7 +1233,7 @@ static void write_header(struct zc_store *s, const struct xcf_geometry *g)
 }
 
 struct layout {
-	uint64_t pte, fill, age, ctx, xcf, end;
+	uint64_t pte, fill, age, dict, ctx, xcf, end;
 };
 
 static void layout_of(uint64_t npages, const struct xcf_geometry *g, struct layout *l)
@@ -974,7 +1241,8 @@ static void layout_of(uint64_t npages, const struct xcf_geometry *g, struct layo
 	l->pte = ZC_PAGE_SIZE;
 	l->fill = l->pte + align4k(npages * 8);
 	l->age = l->fill + align4k(npages * 8);
-	l->ctx = l->age + align4k(npages);
+	l->dict = l->age + align4k(npages);
+	l->ctx = l->dict + (uint64_t)ZC_MAX_DICTS * ZC_DICT_MAX;
 	l->xcf = l->ctx + align4k(ZC_MAX_CTX * sizeof(struct zc_ctx_stats));
 	l->end = l->xcf + xcf_arena_bytes(g);
 }
@@ -986,10 +1254,12 @@ static void store_bind(struct zc_store *s, const struct layout *l)
 	s->pte = ZC_ARENA_AT(&s->arena, l->pte, uint64_t);
 	s->fill = ZC_ARENA_AT(&s->arena, l->fill, uint32_t);
 	s->age = ZC_ARENA_AT(&s->arena, l->age, uint8_t);
+	s->dict_bytes = ZC_ARENA_AT(&s->arena, l->dict, uint8_t);
 	s->cstats = ZC_ARENA_AT(&s->arena, l->ctx, struct zc_ctx_stats);
 	for (unsigned i = 0; i < ZC_NSTRIPES; i++)
 		pthread_mutex_init(&s->stripes[i], NULL);
 	pthread_mutex_init(&s->ctx_lock, NULL);
+	pthread_mutex_init(&s->dict_lock, NULL);
 }
 
 static void store_free(struct zc_store *s)
@@ -999,6 +1269,10 @@ static void store_free(struct zc_store *s)
 	for (unsigned i = 0; i < ZC_NSTRIPES; i++)
 		pthread_mutex_destroy(&s->stripes[i]);
 	pthread_mutex_destroy(&s->ctx_lock);
+	pthread_mutex_destroy(&s->dict_lock);
+	for (unsigned id = 0; id < ZC_MAX_DICTS; id++)
+		zc_dict_free(&s->dicts[id]);
+	free(s->samples);
 	free(s);
 }
 
@@ -1037,6 +1311,7 @@ struct zc_store *zc_store_open(const struct zc_store_config *cfg, int *err)
 	s->hdr->off_pte = l.pte;
 	s->hdr->off_fill = l.fill;
 	s->hdr->off_age = l.age;
+	s->hdr->off_dict = l.dict;
 	s->hdr->off_ctx = l.ctx;
 	s->hdr->off_xcf = l.xcf;
 	write_header(s, &g);
@@ -1052,7 +1327,7 @@ static int read_header(const struct zc_arena *a, struct zc_store_config *cfg, st
 {
 	const struct zc_hdr *h = ZC_ARENA_AT(a, 0, const struct zc_hdr);
 
-	if (a->size < ZC_PAGE_SIZE || memcmp(h->magic, ZC_MAGIC, 8) || h->version != ZC_VERSION ||
+	if (a->size < ZC_PAGE_SIZE || memcmp(h->magic, ZC_MAGIC, 8) || h->version != ZC_ARENA_VERSION ||
 	    h->hdr_bytes != sizeof(*h) || h->arena_bytes != a->size)
 		return -EPROTO;
 	memset(cfg, 0, sizeof(*cfg));
@@ -1066,7 +1341,7 @@ static int read_header(const struct zc_arena *a, struct zc_store_config *cfg, st
 		return -EPROTO;
 	geometry(cfg, g);
 	layout_of(h->npages, g, l);
-	if (l->end != a->size || h->off_pte != l->pte || h->off_fill != l->fill || h->off_age != l->age ||
+	if (l->end != a->size || h->off_pte != l->pte || h->off_fill != l->fill || h->off_age != l->age || h->off_dict != l->dict ||
 	    h->off_ctx != l->ctx || h->off_xcf != l->xcf || h->pool_pages != g->pool_pages ||
 	    h->max_handles != g->max_handles || h->max_vpages != g->max_vpages)
 		return -EPROTO;
@@ -1113,8 +1388,28 @@ static void fold_counters(struct zc_store *s)
 		if (PTE_IS_COLD(e) && e != ZC_POISON) {
 			sum->cold_pages++;
 			sum->cold_bytes += xcf_size(s->pool, PTE_HANDLE(e));
+			dict_ref(s, e, 1);
 		}
 	}
+}
+
+/* RECOVERY 5: digest every live dictionary slot; free those no entry names (S6).  A slot that
+ * zstd refuses stays unusable: the pages made with it read as -EIO, never as other bytes. */
+static void recover_dicts(struct zc_store *s)
+{
+	for (unsigned id = 1; id < ZC_MAX_DICTS; id++) {
+		uint32_t len = s->hdr->dict_len[id];
+
+		if (len > ZC_DICT_MAX)
+			s->hdr->dict_len[id] = len = 0;
+		if (len)
+			zc_dict_make(&s->dicts[id], dict_slot(s, id), len, s->hdr->dict_level[id]);
+	}
+	if (s->hdr->dict_current >= ZC_MAX_DICTS || !s->hdr->dict_len[s->hdr->dict_current])
+		s->hdr->dict_current = 0;
+	pthread_mutex_lock(&s->dict_lock);
+	dict_gc(s);
+	pthread_mutex_unlock(&s->dict_lock);
 }
 
 static uint64_t mono_ns(void)
@@ -1162,11 +1457,39 @@ struct zc_store *zc_store_attach(int fd, struct zc_recovery *rep, int *err)
 	xcf_recover_end(s->pool, &rep->orphans, &freed);
 	rep->pages_freed = freed;
 	fold_counters(s);
+	recover_dicts(s);
 	s->hdr->recoveries++;
 	s->hdr->lost_pages += rep->lost_pages;
 	rep->ns = mono_ns() - t0;
 	*err = 0;
 	return s;
+}
+
+int zc_store_probe(int fd, uint32_t *version)
+{
+	static const size_t hdr_page = ZC_PAGE_SIZE;
+	uint8_t *buf = calloc(1, hdr_page);
+	struct zc_store_config cfg;
+	struct xcf_geometry g;
+	struct layout l;
+	struct stat st;
+	int rc = 0;
+
+	*version = 0;
+	if (!buf)
+		return -ENOMEM;
+	if (fstat(fd, &st) || pread(fd, buf, hdr_page, 0) != (ssize_t)hdr_page) {
+		rc = errno ? -errno : -EPROTO;
+	} else {
+		const struct zc_hdr *h = (const struct zc_hdr *)(void *)buf;
+		struct zc_arena a = {.fd = -1, .base = buf, .size = (uint64_t)st.st_size};
+
+		if (!memcmp(h->magic, ZC_MAGIC, 8))
+			*version = h->version;
+		rc = read_header(&a, &cfg, &l, &g);
+	}
+	free(buf);
+	return rc;
 }
 
 void zc_store_close(struct zc_store *s)

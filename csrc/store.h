@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "codec.h"
 #include "xcfmalloc.h"
 
 #define ZC_PAGE_SIZE 4096u
@@ -27,6 +28,7 @@ struct zc_ctx;
 enum zc_compressor { ZC_LZ4 = 0, ZC_ZSTD = 1 };
 
 #define ZC_MAX_DEVICE_PAGES ((1ull << 28) - 1u) /* device pages at most (1 TiB): handles have 29 bits */
+#define ZC_ARENA_VERSION 3u /* the arena's format: another one is refused by attach */
 #define ZC_COLD_LEVEL 3 /* the zstd level of a context's cold codec until recompress sets one */
 
 struct zc_store_config {
@@ -52,6 +54,12 @@ struct zc_store_stats {
 	uint64_t recompressed;           /* pages ever recompressed (cold ones rewritten included) */
 	uint64_t recompress_saved_bytes; /* object bytes recompression saved, summed when done */
 	uint64_t epoch;                  /* zc_store_tick calls */
+	uint64_t dicts, dict_bytes;      /* live dictionaries, their bytes in the arena */
+	uint64_t dict_memory;            /* process memory of their digested forms */
+	uint64_t dict_current;           /* the id new recompressions use (0: none) */
+	uint64_t dicts_trained;          /* by this process */
+	uint64_t samples, sample_cap;    /* pages in the sample reservoir, and its capacity */
+	uint64_t sample_memory;          /* bytes the reservoir takes while it exists */
 };
 
 /* What one zc_store_recompress call did. */
@@ -63,6 +71,7 @@ struct zc_recompress_report {
 	uint64_t raced;        /* written or discarded meanwhile: left to the newer entry */
 	uint64_t failed;       /* no room in the pool (ENOSPC), or the page failed its checksum */
 	uint64_t bytes_before, bytes_after; /* object bytes of the pages recompressed */
+	uint64_t dict;                      /* the dictionary used (0: none) */
 };
 
 /* What one zc_store_attach found and did. */
@@ -87,6 +96,10 @@ struct zc_store *zc_store_open(const struct zc_store_config *cfg, int *err);
  * keeper starts a server only after the last one is gone).  NULL and *err on failure; *rep
  * (may be NULL) gets the report. */
 struct zc_store *zc_store_attach(int fd, struct zc_recovery *rep, int *err);
+/* Whether this version could attach the arena in memfd `fd`, without mapping it or changing
+ * anything (a live upgrade asks before the old server goes): 0, or -EPROTO (another version's
+ * layout; *version gets the arena's format version, 0 if it is no arena at all) or -errno. */
+int zc_store_probe(int fd, uint32_t *version);
 void zc_store_close(struct zc_store *s);
 /* ZC_FRONT_WORDS words in the arena header that the front end keeps across servers (FUSE:
  * whether INIT was answered, and the kernel's minor version).  Zero in a new arena. */
@@ -124,6 +137,20 @@ uint64_t zc_store_reclaimable_bytes(struct zc_store *s);
 void zc_store_tick(struct zc_store *s);
 uint64_t zc_store_recompress(struct zc_ctx *c, uint64_t start, uint64_t max_scan,
 			     unsigned idle_ticks, int level, struct zc_recompress_report *r);
+
+/* Dictionaries (store.c, S6).  sample: start filling a reservoir of `pages` pages (at most
+ * ZC_MAX_SAMPLES; 0 stops and frees it) with one in 8 * stride of the pages writers store.
+ * train_dict: train a dictionary of at most dict_bytes (1024..ZC_DICT_MAX) on the reservoir
+ * (which it takes and frees), for zstd `level`, and make it current: 0 and *id, -EAGAIN
+ * (fewer than ZC_MIN_SAMPLES samples), -EINVAL (zstd found no dictionary in them) or -ENOSPC
+ * (every slot is still used by some page).  set_dict: make `bytes` the current dictionary
+ * (tests and benchmarks: a dictionary trained elsewhere). */
+#define ZC_MAX_SAMPLES 8192u
+#define ZC_MIN_SAMPLES 64u
+int zc_store_sample(struct zc_store *s, uint32_t pages, uint32_t stride);
+int zc_store_train_dict(struct zc_store *s, uint32_t dict_bytes, int level, unsigned *id);
+int zc_store_set_dict(struct zc_store *s, const uint8_t *bytes, uint32_t len, int level,
+		      unsigned *id);
 
 /* Verify every stored page's checksum; returns pages checked, *bad gets the failures (each
  * also counted in checksum_errors) and the first max_pages of them go to pages[]. */

@@ -770,6 +770,21 @@ int xcf_read(struct xcf_pool *p, uint32_t handle, uint8_t *out)
 	return (int)len;
 }
 
+int xcf_peek(struct xcf_pool *p, uint32_t handle, uint8_t *out, uint32_t n)
+{
+	unsigned c;
+	int h;
+	uint64_t e = lock_owner(p, handle, &c, &h);
+
+	if (!e)
+		return -EINVAL;
+	uint32_t len = entry_len(e) < n ? entry_len(e) : n;
+
+	copy_out(p, &p->vps[entry_vp(e)], c, entry_slot(e), hdr_of(c), out, len);
+	pthread_mutex_unlock(lock_of(p, c, h));
+	return (int)len;
+}
+
 uint32_t xcf_size(struct xcf_pool *p, uint32_t handle)
 {
 	if (handle == 0 || handle >= LOAD(p->sh->fresh_handle))

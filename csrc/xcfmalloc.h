@@ -77,6 +77,8 @@ int xcf_store(struct xcf_pool *p, int heap, const uint8_t *data, uint32_t len, u
 int xcf_read(struct xcf_pool *p, uint32_t handle, uint8_t *out);
 /* Free an object; `heap` is the caller's (its handle goes back to that heap's cache). */
 void xcf_free(struct xcf_pool *p, int heap, uint32_t handle);
+/* Copy the first min(n, length) bytes of the object out; that count, or -EINVAL. */
+int xcf_peek(struct xcf_pool *p, uint32_t handle, uint8_t *out, uint32_t n);
 /* Length of a live object, or 0. */
 uint32_t xcf_size(struct xcf_pool *p, uint32_t handle);
 

@@ -98,8 +98,11 @@ def test_parse_duration(text: object, seconds: float) -> None:
 
 
 def test_recompress_table() -> None:
-    cfg = build({"recompress": {"enabled": False, "idle": "5s", "level": 9, "cpu_budget": 0.5}})
-    assert cfg.recompress == Recompress(enabled=False, idle=5.0, level=9, cpu_budget=0.5)
+    raw = {"enabled": False, "idle": "5s", "level": 9, "dictionary": False, "cpu_budget": 0.5}
+    cfg = build({"recompress": raw})
+    assert cfg.recompress == Recompress(
+        enabled=False, idle=5.0, level=9, dictionary=False, cpu_budget=0.5
+    )
 
 
 def test_size_beyond_the_cores_one_tib_is_refused() -> None:
@@ -146,6 +149,7 @@ def test_size_beyond_four_times_ram_is_refused() -> None:
         ({"recompress": {"level": 0}}, r"^recompress.level: zstd level must be in \[1, 22\]"),
         ({"recompress": {"level": 23}}, r"^recompress.level: zstd level must be in"),
         ({"recompress": {"level": "3"}}, r"^recompress.level: expected an integer"),
+        ({"recompress": {"dictionary": "yes"}}, r"^recompress.dictionary: expected true or false"),
         ({"recompress": {"cpu_budget": 0}}, r"^recompress.cpu_budget: must be in \(0, 1\]"),
         ({"recompress": {"cpu_budget": 2}}, r"^recompress.cpu_budget: must be in"),
     ],

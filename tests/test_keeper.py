@@ -282,6 +282,46 @@ def test_live_upgrade_keeps_the_store_and_moves_the_exporter(
     assert traces(str(d.root)) == NOTHING
 
 
+def probe(fd: int) -> subprocess.CompletedProcess[str]:
+    """What the keeper runs before a live upgrade: the installed server asked about the arena."""
+    return subprocess.run(
+        [sys.executable, "-m", "zcached.server", "--probe-arena", str(fd)],
+        capture_output=True, text=True, pass_fds=(fd,), timeout=HANG,
+    )  # fmt: skip
+
+
+def test_probe_refuses_an_arena_of_another_format_in_one_line() -> None:
+    """A live upgrade to a version with another arena layout must be refused while the old
+    server still serves (a new server could not attach it, and the swap would hang): the
+    installed version's probe says so, in one line, without touching the arena."""
+    from zcached import _core
+    from zcached.core import CoreStore
+
+    s = CoreStore(1 * MiB)
+    try:
+        ok = probe(s.memfd())
+        assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+        fd = os.memfd_create("old-arena")
+        try:
+            os.ftruncate(fd, 1 * MiB)
+            older = _core.ARENA_VERSION - 1
+            os.pwrite(fd, b"ZCACHED1" + older.to_bytes(4, "little"), 0)
+            old = probe(fd)
+            assert old.returncode == 3, old
+            assert old.stderr.strip().splitlines() == [
+                f"zcached: the store's arena has format {older}, this version reads format "
+                f"{_core.ARENA_VERSION}"
+            ], old.stderr
+            os.pwrite(fd, b"NOTANARENA", 0)
+            junk = probe(fd)
+            assert junk.returncode == 3 and len(junk.stderr.strip().splitlines()) == 1
+            assert "Traceback" not in junk.stderr
+        finally:
+            os.close(fd)
+    finally:
+        s.close()
+
+
 def test_upgrade_without_a_daemon_is_one_line(tmp_path: Path) -> None:
     p = run_cli("upgrade", "--mountpoint", str(tmp_path))
     assert p.returncode == 1 and "no zcached is running" in p.stderr

@@ -9,6 +9,7 @@ last version written, and the allocator's invariants and the per-format counters
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import random
@@ -232,6 +233,135 @@ def test_corrupt_page_is_not_recompressed_and_stays_an_error() -> None:
         s.close()
 
 
+# ---- dictionaries ---------------------------------------------------------------------------
+
+
+def sampled_store(pages: dict[int, bytes], size: int = 16 * MiB) -> CoreStore:
+    s = CoreStore(size)
+    s.sample(len(pages), 1)
+    fill(s, pages)
+    return s
+
+
+def test_a_trained_dictionary_makes_cold_pages_smaller_and_they_read_back() -> None:
+    pages = {p: text_page(p) for p in range(2048)}
+    plain, s = CoreStore(16 * MiB), sampled_store(pages)
+    try:
+        fill(plain, pages)
+        n = raw(s)["samples"]  # one in 8 of the pages stored compressed (a few are huge)
+        assert 2048 // 10 < n <= 2048 // 8, n
+        did = s.train_dictionary(16 << 10, 3)
+        assert did is not None and did > 0
+        st = raw(s)
+        assert st["dicts"] == 1 and st["dict_current"] == did and 0 < st["dict_bytes"] <= 16 << 10
+        assert st["samples"] == 0 and st["sample_memory"] == 0  # the reservoir is gone
+        age(s, 1)
+        age(plain, 1)
+        with_dict, without = full_pass(s), full_pass(plain)
+        assert with_dict["dict"] == did and without["dict"] == 0
+        print(f"cold bytes: {with_dict['bytes_after']} with a dictionary, "
+              f"{without['bytes_after']} without, {with_dict['bytes_before']} lz4")  # fmt: skip
+        assert with_dict["bytes_after"] < 0.97 * without["bytes_after"]
+        assert_all_read_back(s, pages)
+        assert s.scrub() == [] and s.core.check() == 0
+    finally:
+        s.close()
+        plain.close()
+
+
+def test_too_few_samples_is_none_and_the_reservoir_fills_on() -> None:
+    s = CoreStore(4 * MiB)
+    try:
+        assert s.train_dictionary(4096, 3) is None  # no reservoir
+        s.sample(512, 1)
+        fill(s, {p: text_page(p) for p in range(80)})  # 10 samples
+        assert s.train_dictionary(4096, 3) is None
+        assert 0 < raw(s)["samples"] <= 10
+        fill(s, {p: text_page(p) for p in range(80, 800)})
+        assert s.train_dictionary(4096, 3) == 1
+    finally:
+        s.close()
+
+
+def test_an_old_dictionary_is_freed_when_no_page_uses_it() -> None:
+    pages = {p: text_page(p) for p in range(1024)}
+    s = sampled_store(pages)
+    try:
+        first = s.train_dictionary(8 << 10, 3)
+        age(s, 1)
+        full_pass(s)
+        s.sample(1024, 1)
+        fill(s, {p: text_page(p + 5000) for p in range(1024, 2048)})
+        second = s.train_dictionary(8 << 10, 3)
+        assert first != second and raw(s)["dicts"] == 2  # the first is still used
+        new = {p: text_page(p + 9000) for p in range(1024)}
+        fill(s, new)  # every page the first dictionary made is rewritten
+        assert raw(s)["dicts"] == 1 and raw(s)["dict_current"] == second
+        assert_all_read_back(s, new)
+    finally:
+        s.close()
+
+
+def test_fifteen_dictionaries_in_use_leave_no_slot() -> None:
+    s = CoreStore(64 * MiB)
+    try:
+        for i in range(15):
+            s.sample(64, 1)
+            fill(s, {i * 600 + p: text_page(i * 600 + p) for p in range(600)})
+            assert s.train_dictionary(2048, 1) == i + 1
+            age(s, 1)
+            full_pass(s, level=1)  # its pages use it
+        s.sample(64, 1)
+        fill(s, {9500 + p: text_page(p) for p in range(600)})
+        with pytest.raises(OSError) as e:
+            s.train_dictionary(2048, 1)
+        assert e.value.errno == errno.ENOSPC
+        assert raw(s)["dicts"] == 15
+    finally:
+        s.close()
+
+
+def test_a_dictionary_trained_by_python_zstandard_works_in_the_core() -> None:
+    """Dictionaries are plain zstd dictionaries: one trained elsewhere can be given."""
+    zstandard = pytest.importorskip("zstandard")
+    pages = {p: text_page(p) for p in range(512)}
+    s = CoreStore(4 * MiB)
+    try:
+        fill(s, pages)
+        d = zstandard.train_dictionary(8192, list(pages.values()))
+        did = s.set_dictionary(d.as_bytes(), 3)
+        age(s, 1)
+        assert full_pass(s)["dict"] == did
+        assert_all_read_back(s, pages)
+    finally:
+        s.close()
+
+
+def test_cold_pages_and_dictionaries_survive_an_attach() -> None:
+    pages = {p: text_page(p) for p in range(1024)}
+    s = sampled_store(pages)
+    did = s.train_dictionary(8 << 10, 3)
+    age(s, 1)
+    full_pass(s)
+    fd = os.dup(s.memfd())
+    s.close()
+    try:
+        t = CoreStore.attach(fd)
+        try:
+            st = raw(t)
+            assert st["dicts"] == 1 and st["dict_current"] == did and st["cold_pages"] == 1024
+            assert_all_read_back(t, pages)
+            s2 = {p: text_page(p + 3000) for p in range(1024, 1100)}
+            fill(t, s2)
+            age(t, 1)
+            assert full_pass(t)["dict"] == did  # recompression goes on with it
+            assert_all_read_back(t, s2)
+        finally:
+            t.close()
+    finally:
+        os.close(fd)
+
+
 # ---- races ----------------------------------------------------------------------------------
 
 
@@ -245,6 +375,7 @@ def test_writers_discards_compaction_and_recompression_race() -> None:
     errors: list[str] = []
     stop = threading.Event()
     reports: dict[str, int] = dict.fromkeys(("recompressed", "raced", "kept", "failed"), 0)
+    trained: list[int] = []
 
     def writer(w: int) -> None:
         rng = random.Random(w)
@@ -271,6 +402,7 @@ def test_writers_discards_compaction_and_recompression_race() -> None:
 
     def recompressor() -> None:
         try:
+            passes = 0
             while not stop.is_set():
                 s.tick()
                 cursor = 0
@@ -278,6 +410,12 @@ def test_writers_discards_compaction_and_recompression_race() -> None:
                     cursor, r = s.recompress(cursor, 256, 1, 1)
                     for k in reports:
                         reports[k] += r[k]
+                passes += 1
+                if passes % 4 == 0:  # dictionaries come and go under the readers' feet
+                    if s.train_dictionary(4096, 1) is not None:
+                        trained.append(passes)
+                    elif not raw(s)["sample_cap"]:
+                        s.sample(64, 1)
         except Exception as e:
             errors.append(f"recompressor: {e!r}")
 
@@ -313,17 +451,26 @@ def test_writers_discards_compaction_and_recompression_race() -> None:
                 else:
                     assert got == bytes(PS)
         st = raw(s)
-        print(f"recompression under the race: {reports}; cold now {st['cold_pages']}")
+        print(
+            f"recompression under the race: {reports}; cold now {st['cold_pages']}; "
+            f"{len(trained)} dictionaries trained, {st['dicts']} live"
+        )
         assert reports["recompressed"] > 1000 and reports["failed"] == 0, reports
+        assert len(trained) >= 2, trained
         assert s.core.check() == 0 and s.scrub() == []
         # the per-format counters, against a full recount through a fresh attach
         fd = os.dup(s.memfd())
         want = {k: st[k] for k in ("cold_pages", "cold_bytes", "pages_stored", "huge_pages")}
+        live_dicts = st["dicts"]
         s.close()
         t = CoreStore.attach(fd)
         try:
             got = raw(t)
             assert {k: got[k] for k in want} == want
+            assert got["dicts"] <= live_dicts  # the attach frees the ones no page uses
+            for w in range(writers):
+                for p in last[w]:
+                    assert parse_version(t.read(p * PS, PS)) == (w, last[w][p], p)
         finally:
             t.close()
             os.close(fd)
@@ -372,16 +519,20 @@ def test_recompressor_thread_recompresses_idle_pages_within_its_budget() -> None
     s = CoreStore(16 * MiB)
     try:
         pages = {p: text_page(p) for p in range(2000)}
-        fill(s, pages)
-        policy = RecompressPolicy(idle=1.0, level=3, cpu_budget=0.5, step_pages=512)
+        policy = RecompressPolicy(
+            idle=1.0, level=3, cpu_budget=0.5, step_pages=512, samples=128, sample_stride=1
+        )
         r = Recompressor(s, policy)
-        r.start()
+        r.start()  # it starts the reservoir: the pages written now are sampled
+        time.sleep(0.1)
+        fill(s, pages)
         deadline = time.monotonic() + 30
         while raw(s)["cold_pages"] < 2000 and time.monotonic() < deadline:
             time.sleep(0.1)
         r.stop()
         assert raw(s)["cold_pages"] == 2000, (raw(s)["cold_pages"], r.totals)
         assert r.runs >= IDLE_TICKS - 1 and r.totals["recompressed"] == 2000
+        assert r.trainings == 1 and raw(s)["dicts"] == 1, (r.trainings, raw(s))
         # paced: CPU of the passes at most the budget of their wall time (plus a step's slack)
         assert r.cpu_seconds <= policy.cpu_budget * r.seconds + 0.2, (r.cpu_seconds, r.seconds)
         assert_all_read_back(s, pages)

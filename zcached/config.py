@@ -51,6 +51,7 @@ class Recompress:
     enabled: bool = True
     idle: float = 600.0
     level: int = 3
+    dictionary: bool = True  # train a zstd dictionary on samples of the pages written
     cpu_budget: float = 0.1
 
 
@@ -159,7 +160,7 @@ _TOP_KEYS = {
     "recompress",
 }
 _COMPACTION_KEYS = {"fragmentation", "cpu_budget", "interval"}
-_RECOMPRESS_KEYS = {"enabled", "idle", "level", "cpu_budget"}
+_RECOMPRESS_KEYS = {"enabled", "idle", "level", "dictionary", "cpu_budget"}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 MIN_IDLE = 1.0  # seconds: the recompressor's clock ticks every idle / 4
@@ -232,10 +233,13 @@ def _recompress(rraw: object) -> Recompress:
     lo, hi = 1, LEVELS["zstd"][1]
     if not lo <= level <= hi:
         raise ConfigError(f"recompress.level: zstd level must be in [{lo}, {hi}], got {level}")
+    dictionary = _typed(
+        "recompress.dictionary", rraw.get("dictionary", d.dictionary), bool, "true or false"
+    )
     cpu = _typed("recompress.cpu_budget", rraw.get("cpu_budget", d.cpu_budget), float, "a number")
     if not 0.0 < cpu <= 1.0:
         raise ConfigError(f"recompress.cpu_budget: must be in (0, 1], got {cpu}")
-    return Recompress(enabled, idle, level, cpu)
+    return Recompress(enabled, idle, level, dictionary, cpu)
 
 
 def build(raw: dict[str, Any]) -> Config:

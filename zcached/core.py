@@ -186,6 +186,24 @@ class CoreStore:
         nxt, report = self.core.recompress(start, max_scan, idle_ticks, level)
         return int(nxt), {k: int(v) for k, v in report.items()}
 
+    def sample(self, pages: int, stride: int = 1) -> None:
+        """Fill a reservoir of ``pages`` pages with one in 8 x ``stride`` of the pages written
+        (for :meth:`train_dictionary`); 0 stops and frees it."""
+        self.core.sample(pages, stride)
+
+    def train_dictionary(self, dict_bytes: int, level: int) -> int | None:
+        """Train a zstd dictionary on the reservoir and make it the one recompression uses:
+        its id, or None while the reservoir holds too few pages (it fills on).  OSError for
+        the rest (ENOSPC: all 15 slots still used by pages; EINVAL: nothing to learn)."""
+        try:
+            return int(self.core.train_dictionary(dict_bytes, level))
+        except BlockingIOError:
+            return None
+
+    def set_dictionary(self, data: bytes, level: int) -> int:
+        """Make ``data`` (a zstd dictionary trained elsewhere) the current one; its id."""
+        return int(self.core.set_dictionary(data, level))
+
     def scrub(self) -> list[int]:
         """Verify every stored page; the pages failing their checksum (as PageStore.scrub;
         the first 4096 of them), each counted in checksum_errors."""

@@ -312,6 +312,12 @@ def _upgrade(cfg: Config, sup: keeper.Supervisor, state: keeper.KeeperState) -> 
         new = cfgload(args.config, args.overrides)
         if new.metrics_listen != cfg.metrics_listen:
             check_listen(*new.metrics_addr)
+        why = sup.probe_installed()
+        if why is not None:
+            raise DaemonError(
+                f"the installed version cannot take over the live store: {why} "
+                "(restart the service instead: that swaps everything in first)"
+            )
     except (DaemonError, ConfigError) as e:
         log.error("upgrade refused: %s", e)
         state.last_upgrade_error = str(e)

@@ -166,6 +166,22 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     self._proc.send_signal(signo)
 
+    def probe_installed(self) -> str | None:
+        """Why the version installed now cannot take over the live store (another arena
+        format), or None if it can: asked before an upgrade stops the server."""
+        argv = [sys.executable, "-m", "zcached.server", "--probe-arena", str(self.arena_fd)]
+        try:
+            p = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                pass_fds=(self.arena_fd,), timeout=READY_TIMEOUT,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"could not run the installed version: {e}"
+        if p.returncode == 0:
+            return None
+        lines = p.stderr.strip().splitlines()
+        return lines[-1].removeprefix("zcached: ") if lines else f"exit {p.returncode}"
+
     def upgrade(self, args: ServerArgs) -> None:
         """Replace the server with a new one (the code installed now, ``args``)."""
         with self._lock:

@@ -44,6 +44,7 @@ class RecompressorLike(Protocol):
     runs: int
     seconds: float
     cpu_seconds: float
+    trainings: int
     totals: dict[str, int]
 
 
@@ -204,6 +205,8 @@ class ZcachedCollector(Collector):
         for k in ("recompressed", "kept", "raced", "failed"):
             res.add_metric([k], r.totals.get(k, 0) if r else 0)
         yield res
+        yield c("zcached_dictionary_trainings", "zstd dictionaries trained (this server's).",
+                value=r.trainings if r else 0)  # fmt: skip
 
     @staticmethod
     def _codecs(s: Any, raw: Mapping[str, int], base: str) -> Iterable[Metric]:
@@ -237,6 +240,18 @@ class ZcachedCollector(Collector):
             "zcached_recompress_saved_bytes",
             "Object bytes recompression saved, summed as it happened (rewrites not deducted).",
             value=raw.get("recompress_saved_bytes", 0),
+        )
+        g = GaugeMetricFamily
+        yield g("zcached_dictionaries", "Live zstd dictionaries.", value=raw.get("dicts", 0))
+        yield g(
+            "zcached_dictionary_bytes",
+            "Memory of the live dictionaries: their bytes in the arena and digested.",
+            value=raw.get("dict_bytes", 0) + raw.get("dict_memory", 0),
+        )
+        yield g(
+            "zcached_dictionary_sample_bytes",
+            "Memory of the sample reservoir while a dictionary is being sampled for.",
+            value=raw.get("sample_memory", 0),
         )
 
     @staticmethod
@@ -336,6 +351,7 @@ def status_document(
         raw = raw_stats()
         doc["recompressed_pages"] = raw.get("cold_pages", 0)
         doc["recompressed_bytes"] = raw.get("cold_bytes", 0)
+        doc["dictionaries"] = raw.get("dicts", 0)
     if info is not None:
         doc.update(info())
     return doc

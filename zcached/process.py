@@ -32,8 +32,18 @@ THREAD_STACK = 1 << 20
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
+M_MMAP_THRESHOLD = -3  # mallopt(3)
+MMAP_THRESHOLD = 128 << 10
+
+
 def lock_memory() -> bool:
     threading.stack_size(THREAD_STACK)  # before any thread starts: locked stacks stay small
+    # Large buffers (the dictionary reservoir, zstd's trainer) must go back to the kernel when
+    # freed: malloc would otherwise raise its mmap threshold after the first such free and
+    # serve them from the heap, whose free pages stay resident under mlockall (MADV_DONTNEED
+    # refuses locked pages).  Setting the threshold fixes it at 128 KiB for good.
+    if _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
+        log.warning("mallopt(M_MMAP_THRESHOLD) failed: freed buffers may stay resident")
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
         log.warning(
             "mlockall failed: %s (daemon memory may be swapped out)",

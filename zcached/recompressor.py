@@ -1,7 +1,8 @@
 """The recompressor: a background thread that stores idle pages again with zstd.
 
 Owns: the policy of recompression (the clock of page ages, how often the page table is
-scanned, the pacing by a CPU budget) and the counters the metrics exporter reads.
+scanned, the pacing by a CPU budget, when to sample pages and train a zstd dictionary) and the
+counters the metrics exporter reads.
 Must not: touch pages itself (the C core's zc_store_recompress decodes, re-encodes and
 publishes, outside the GIL, one stripe lock at a time; see csrc/store.c, PAGE AGE and S5),
 or hold any lock between its steps.
@@ -18,9 +19,22 @@ step of ``t`` CPU seconds (the thread's own) it sleeps ``t * (1 - cpu_budget) / 
 so it uses at most ``cpu_budget`` of one core.  A pass longer than a tick just goes on; the
 next starts at the first tick after it ended.
 
+The dictionary.  With ``dictionary`` on and no dictionary in the store yet, the thread starts
+the core's sample reservoir (``samples`` pages, one in 8 x ``sample_stride`` of the pages
+writers store: samples of the pages as they arrive) and trains a dictionary of ``dict_bytes``
+on it (libzstd's ZDICT, in C, outside the GIL) once it is full, or before a pass once it holds
+any samples at all (pages recompressed without a dictionary stay so until rewritten, so a
+poorer dictionary beats none).  Every pass then uses the current one.  The ratio that the
+first pass of at least ``min_pages`` pages gets with a dictionary (bytes after / bytes before)
+is its baseline; a later pass more than ``drift`` worse starts the reservoir again, and a new
+dictionary is trained when it is full.  The old one is freed by the core when no page uses it.
+Measured (bench recompress_bench, 256 MiB of heap pages): 1024 samples do as well as 4096, and
+64 KiB of dictionary take zstd-3 from 0.62x to 0.55x of lz4's bytes (32 KiB: 0.553x).
+
 Counters (written by the thread only, read without a lock): ``runs`` (finished passes),
-``seconds`` (their wall time, pacing included), ``cpu_seconds``, and the sums of the core's
-reports (scanned, recompressed, kept, raced, failed, bytes_before, bytes_after).
+``seconds`` (their wall time, pacing and training included), ``cpu_seconds`` (the same),
+``trainings``, and the sums of the core's reports (scanned, recompressed, kept, raced, failed,
+bytes_before, bytes_after).
 """
 
 from __future__ import annotations
@@ -55,6 +69,12 @@ class Store(Protocol):
 
     def tick(self) -> None: ...
 
+    def raw_stats(self) -> dict[str, int]: ...
+
+    def sample(self, pages: int, stride: int = 1) -> None: ...
+
+    def train_dictionary(self, dict_bytes: int, level: int) -> int | None: ...
+
     def recompress(
         self, start: int, max_scan: int, idle_ticks: int, level: int
     ) -> tuple[int, dict[str, int]]: ...
@@ -66,6 +86,12 @@ class RecompressPolicy:
     level: int = 3  # zstd level
     cpu_budget: float = 0.1  # fraction of one core
     step_pages: int = 4096  # page table entries per step
+    dictionary: bool = True
+    dict_bytes: int = 64 << 10
+    samples: int = 1024  # pages in the reservoir
+    sample_stride: int = 2  # one in 8 x this of the pages written is sampled
+    drift: float = 0.10  # retrain when a pass gets this much worse than the baseline
+    min_pages: int = 256  # pages a pass must recompress for its ratio to count
 
     def __post_init__(self) -> None:
         if self.idle <= 0:
@@ -74,6 +100,8 @@ class RecompressPolicy:
             raise ValueError("recompress cpu_budget must be in (0, 1]")
         if self.step_pages < 1:
             raise ValueError("recompress step_pages must be >= 1")
+        if not 1024 <= self.dict_bytes <= 64 << 10:
+            raise ValueError("recompress dict_bytes must be in 1 KiB .. 64 KiB")
 
     @property
     def tick_seconds(self) -> float:
@@ -95,6 +123,8 @@ class Recompressor:
         self.runs = 0
         self.seconds = 0.0
         self.cpu_seconds = 0.0
+        self.trainings = 0
+        self.baseline: float | None = None  # the current dictionary's first ratio
         self.totals = dict.fromkeys(REPORT_KEYS, 0)
         self._thread_init = thread_init
         self._stop = threading.Event()
@@ -112,6 +142,8 @@ class Recompressor:
     def _run(self) -> None:
         if self._thread_init is not None:
             self._thread_init()
+        if self.policy.dictionary and not self.store.raw_stats()["dict_current"]:
+            self._start_sampling()
         next_tick = time.monotonic() + self.policy.tick_seconds
         while not self._stop.wait(max(0.0, next_tick - time.monotonic())):
             self.store.tick()
@@ -122,19 +154,72 @@ class Recompressor:
             except Exception:  # the data path never depends on this thread: log, go on
                 log.exception("recompression pass failed")
 
+    def _start_sampling(self) -> None:
+        p = self.policy
+        self.store.sample(p.samples, p.sample_stride)
+        log.info("recompress: sampling %d pages for a dictionary", p.samples)
+
+    def _pace(self, cpu: float) -> None:
+        """Sleep so that ``cpu`` seconds of work stay within the budget."""
+        b = self.policy.cpu_budget
+        if cpu > 0 and b < 1:
+            self._stop.wait(cpu * (1 - b) / b)
+
+    def maybe_train(self, *, before_pass: bool) -> None:
+        """Train a dictionary when the reservoir is full (or, before a pass, holds any)."""
+        if not self.policy.dictionary:
+            return
+        st = self.store.raw_stats()
+        if not st["sample_cap"] or (st["samples"] < st["sample_cap"] and not before_pass):
+            return
+        c0 = time.thread_time()
+        try:
+            new = self.store.train_dictionary(self.policy.dict_bytes, self.policy.level)
+        except OSError as e:  # no slot free, nothing to learn: keep the current one
+            log.warning("recompress: no new dictionary: %s", e.strerror)
+            self.store.sample(0)
+            new = None
+        spent = time.thread_time() - c0  # in the pass's CPU (run_pass measures around it)
+        if new is not None:
+            self.trainings += 1
+            self.baseline = None
+            log.info("recompress: dictionary %d trained on %d pages (%.2f s CPU)",
+                     new, st["samples"], spent)  # fmt: skip
+        self._pace(spent)
+
     def run_pass(self) -> None:
         """One scan of the page table, paced; returns early when stopped."""
         p = self.policy
         t0, c0 = time.monotonic(), time.thread_time()
+        self.maybe_train(before_pass=True)
         cursor = 0
+        done = dict.fromkeys(REPORT_KEYS, 0)
         while cursor < self.store.npages and not self._stop.is_set():
             s0 = time.thread_time()
             cursor, report = self.store.recompress(cursor, p.step_pages, IDLE_TICKS, p.level)
             for k in REPORT_KEYS:
-                self.totals[k] += report[k]
-            spent = time.thread_time() - s0
-            if spent > 0 and p.cpu_budget < 1:
-                self._stop.wait(spent * (1 - p.cpu_budget) / p.cpu_budget)
+                done[k] += report[k]
+            self._pace(time.thread_time() - s0)
+            self.maybe_train(before_pass=False)
+        for k in REPORT_KEYS:
+            self.totals[k] += done[k]
         self.runs += 1
         self.seconds += time.monotonic() - t0
         self.cpu_seconds += time.thread_time() - c0
+        self._watch_drift(done)
+
+    def _watch_drift(self, done: dict[str, int]) -> None:
+        """Baseline the current dictionary's ratio; sample again when it has drifted."""
+        p = self.policy
+        st = self.store.raw_stats()
+        if not p.dictionary or st["sample_cap"] or not st["dict_current"]:
+            return
+        if done["recompressed"] < p.min_pages or not done["bytes_before"]:
+            return
+        ratio = done["bytes_after"] / done["bytes_before"]
+        if self.baseline is None:
+            self.baseline = ratio
+        elif ratio > self.baseline * (1 + p.drift):
+            log.info("recompress: ratio %.3f against %.3f at training: a new dictionary",
+                     ratio, self.baseline)  # fmt: skip
+            self._start_sampling()

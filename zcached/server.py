@@ -185,7 +185,9 @@ def _start_recompressor(cfg: cfgmod.Config, store: CoreStore) -> Recompressor | 
     rc = cfg.recompress
     if not rc.enabled:
         return None
-    policy = RecompressPolicy(idle=rc.idle, level=rc.level, cpu_budget=rc.cpu_budget)
+    policy = RecompressPolicy(
+        idle=rc.idle, level=rc.level, cpu_budget=rc.cpu_budget, dictionary=rc.dictionary
+    )
     recompressor = Recompressor(store, policy, thread_init=_flusher)
     recompressor.start()
     return recompressor
@@ -201,8 +203,23 @@ def _wait(signals: Signals, loop: CoreFuseLoop) -> None:
         log.info("server %d: stopping (the keeper keeps the store and the mount)", os.getpid())
 
 
+def probe_main(argv: list[str]) -> int:
+    """``--probe-arena FD``: whether this (installed) version can take over the arena in
+    memfd FD, asked by the keeper before a live upgrade stops the old server.  0, or one line
+    on stderr and 3."""
+    try:
+        _core.probe_arena(int(argv[0]))
+    except (ValueError, OSError, IndexError) as e:
+        print(f"zcached: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--probe-arena"]:
+        sys.exit(probe_main(argv[1:]))
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="zcached: %(message)s",
