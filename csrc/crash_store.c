@@ -463,13 +463,10 @@ static void *compactor_main(void *arg)
 		cursor = zc_store_recompress(c, cursor, 64, 1, 1, &rr);
 		if (cursor >= NPAGES)
 			cursor = 0;
-		if (round % 64 == 0) { /* a dictionary now and then: trained, made current */
+		if (round % 8 == 0) { /* dictionaries: trained, made current, the last retired */
 			unsigned id;
 
-			struct zc_store_stats st;
-
-			zc_store_stats(S, &st);
-			if (zc_store_train_dict(S, 4096, 1, &id) == -EAGAIN && !st.sample_cap)
+			if (zc_store_train_dict(S, 4096, 1, &id) == 0)
 				(void)zc_store_sample(S, ZC_MIN_SAMPLES, 1);
 		}
 		if (++round % 256 == 0) {
@@ -515,6 +512,8 @@ static void child(int fd, uint64_t ops)
 		if (!w->ctx || !w->buf || !w->rbuf)
 			child_fail(4, "worker %u: zc_ctx_new or malloc", i);
 	}
+	if (zc_store_sample(S, ZC_MIN_SAMPLES, 1))
+		child_fail(4, "zc_store_sample");
 	if (pthread_create(&comp, NULL, compactor_main, NULL))
 		child_fail(4, "pthread_create");
 	for (unsigned i = 0; i < WORKERS; i++)

@@ -42,6 +42,7 @@ PS = _core.PAGE_SIZE
 MAX_REQ = _core.MAX_REQUEST  # 1 MiB
 XCF_HDR = 4  # csrc/xcfmalloc.h: the handle header of every non-raw object in the core
 ZSTD_LEVEL = 3
+COLD_LEVEL = 1  # the zstd level the machines recompress with
 
 # Counters that must be equal in the core and the model after any sequence of operations.
 EXACT = (
@@ -331,6 +332,24 @@ class CoreModelMachine(RuleBasedStateMachine):
         self.stored = bytearray(NPAGES)  # 1: the page has a table entry (written, not discarded)
         self.core_len = [0] * NPAGES  # the object size each store keeps for the page
         self.model_len = [0] * NPAGES
+        # Recompression, as both stores must do it (zcached/store.py's docstring): the clock,
+        # each page's age, and per store which pages are cold or tried (their sizes differ).
+        self.cold_sizes = page_sizes("zstd", COLD_LEVEL)
+        self.epoch = 0
+        self.age = [0] * NPAGES
+        self.cold = {"core": [0] * NPAGES, "model": [0] * NPAGES}
+        self.tried = {"core": [0] * NPAGES, "model": [0] * NPAGES}
+
+    def _touch(self, pages: range | list[int]) -> None:
+        for p in pages:
+            self.age[p] = self.epoch & 0x7F
+            for side in ("core", "model"):
+                self.tried[side][p] = 0
+
+    def _rewritten(self, pages: range | list[int]) -> None:
+        for p in pages:
+            for side in ("core", "model"):
+                self.cold[side][p] = 0
 
     def _refresh(self, pages: range) -> None:
         for p in pages:
@@ -349,6 +368,8 @@ class CoreModelMachine(RuleBasedStateMachine):
         touched = pages_of(offset, length)
         for p in touched:
             self.stored[p] = 1
+        self._touch(touched)
+        self._rewritten(touched)
         self._refresh(touched)
 
     @rule(
@@ -377,6 +398,7 @@ class CoreModelMachine(RuleBasedStateMachine):
         assert got == want, first_difference(got, want)
         got = self.model.read(offset, length)
         assert got == want, first_difference(got, want)
+        self._touch(pages_of(offset, length))
 
     @rule(offset=offsets, length=discard_lengths)
     def discard(self, offset: int, length: int) -> None:
@@ -391,6 +413,13 @@ class CoreModelMachine(RuleBasedStateMachine):
     def _discard(self, offset: int, length: int) -> None:
         self.core.discard(offset, length)
         self.model.discard(offset, length)
+        full = full_pages_of(offset, length)
+        merged = [  # partial edge pages holding something: zeros merged in, stored again
+            p for p in pages_of(offset, length)
+            if p not in full and self.stored[p] and any(self.shadow[p * PS : (p + 1) * PS])
+        ]  # fmt: skip
+        self._touch(merged)
+        self._rewritten([*merged, *full])
         self.shadow[offset : offset + length] = bytes(length)
         for p in full_pages_of(offset, length):
             self.stored[p] = 0  # partial edge pages keep their entry (zeros merged in)
@@ -400,6 +429,58 @@ class CoreModelMachine(RuleBasedStateMachine):
     def compact(self, max_moves: int | None) -> None:
         moved = self.core.allocator.compact(max_moves), self.model.allocator.compact(max_moves)
         event(f"compaction moved objects: core {min(moved[0], 1)}, model {min(moved[1], 1)}")
+
+    @rule()
+    def tick(self) -> None:
+        self.core.tick()
+        self.model.tick()
+        self.epoch += 1
+
+    @rule(idle=st.integers(1, 3))
+    def recompress(self, idle: int) -> None:
+        """A whole pass on both stores; each must take exactly the idle pages, and recompress
+        exactly those whose cold form is smaller by its own libraries' sizes."""
+        for side, store, lens in (
+            ("core", self.core, self.core_len), ("model", self.model, self.model_len)
+        ):  # fmt: skip
+            nxt, got = store.recompress(0, 0, idle, COLD_LEVEL)
+            want = dict.fromkeys(("candidates", "recompressed", "kept", "bytes_after"), 0)
+            for p in range(NPAGES):
+                if not (self.stored[p] and lens[p]) or self.cold[side][p]:
+                    continue
+                if self.tried[side][p] or (self.epoch - self.age[p]) & 0x7F < idle:
+                    continue
+                want["candidates"] += 1
+                n = self._cold_len(side, p)
+                if n and n < lens[p]:
+                    want["recompressed"] += 1
+                    want["bytes_after"] += n
+                    self.cold[side][p] = 1
+                    lens[p] = n
+                else:
+                    want["kept"] += 1
+                    self.tried[side][p] = 1
+            assert nxt == NPAGES
+            assert {k: got[k] for k in want} == want, (side, got, want)
+            assert got["raced"] == got["failed"] == got["dict"] == 0, (side, got)
+            event(f"recompressed pages: {side} {min(got['recompressed'], 1)}")
+
+    @rule(page=st.integers(0, NPAGES - 1), n=st.integers(1, 3), idle=st.integers(1, 3))
+    def read_keeps_young(self, page: int, n: int, idle: int) -> None:
+        """Pages old enough, some read just before a pass: those must stay (a read makes a
+        page young, and takes back its tried mark)."""
+        for _ in range(idle):
+            self.tick()
+        self.read(page * PS, min(n, NPAGES - page) * PS)
+        self.recompress(idle)
+
+    def _cold_len(self, side: str, p: int) -> int:
+        """The size of page p in the cold format by that store's libraries (0: none)."""
+        page = bytes(self.shadow[p * PS : (p + 1) * PS])
+        if side == "core":
+            n = self.cold_sizes.core.compressed_len(page)
+            return n + 1 if n else 0
+        return len(self.cold_sizes.codec.compress(page)) + 1
 
     @rule()
     def scrub(self) -> None:
@@ -417,6 +498,10 @@ class CoreModelMachine(RuleBasedStateMachine):
         assert m.compr_data_size == sum(self.model_len)
         assert c.huge_pages == self.core_len.count(PS)
         assert m.huge_pages == self.model_len.count(PS)
+        for st_, side, lens in ((c, "core", self.core_len), (m, "model", self.model_len)):
+            cold = [p for p in range(NPAGES) if self.cold[side][p]]
+            assert st_.cold_pages == len(cold), (side, st_.cold_pages, len(cold))
+            assert st_.cold_bytes == sum(lens[p] for p in cold), side
         for s in (c, m):
             assert s.mem_used_total >= s.compr_data_size
             assert s.mem_used_total % PS == 0

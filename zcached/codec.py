@@ -1,7 +1,9 @@
 """codec: turns one 4K page into what the page store keeps, and back.
 
 Owns: the compressors (LZ4 block format, zstd), same-filled page detection, the page checksum,
-and the decision to keep a page raw ("huge") when it does not compress well enough.
+the decision to keep a page raw ("huge") when it does not compress well enough, and the cold
+format of recompressed pages (:func:`encode_cold`: one byte naming the dictionary, 0 for none,
+the only one the model knows; then a zstd frame as above).
 Must not: know about handles, the page table, the allocator, locks or FUSE.  Everything here is
 a pure function of its input (plus per-thread compressor state), so the page store calls it
 outside any lock and from several threads at once.
@@ -31,6 +33,7 @@ comparison that rejects almost every ordinary page for ~0.3 us.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from typing import Final
@@ -76,6 +79,27 @@ def same_filled(page: bytes) -> int | None:
     if first != page[PAGE_SIZE - WORD :] or page != first * WORDS_PER_PAGE:
         return None
     return int.from_bytes(first, _BYTEORDER)
+
+
+COLD_HDR: Final = 1
+
+
+@functools.cache
+def _cold_codec(level: int) -> Codec:
+    return Codec("zstd", level, huge_threshold=PAGE_SIZE)
+
+
+def encode_cold(page: bytes, level: int) -> bytes | None:
+    """The page in the cold format at zstd ``level``, or None if that is not under a page."""
+    blob = b"\0" + _cold_codec(level).compress(page)
+    return blob if len(blob) < PAGE_SIZE else None
+
+
+def decode_cold(blob: bytes) -> bytes:
+    """The page a cold blob holds; CodecError unless it is exactly one page."""
+    if len(blob) <= COLD_HDR or blob[0] != 0:
+        raise CodecError("cold: not a blob of the cold format without a dictionary")
+    return _cold_codec(3).decompress(blob[COLD_HDR:])
 
 
 def fill_page(word: int) -> bytes:

@@ -8,7 +8,7 @@ Must not: know compression formats (zcached.codec does), how objects are laid ou
 (zcached.xcfmalloc does), or anything about FUSE (zcached's FUSE front turns StoreError into
 ``-errno``).  Compaction is the compactor's business; handles stay valid across it.
 
-Page table (three flat arrays indexed by page number, 9 bytes per page of the device)::
+Page table (five flat arrays indexed by page number, 11 bytes per page of the device)::
 
     _state[p]   bytearray   EMPTY (0)       never written, or discarded: reads as zeros
                             SAME  (1)       every 8-byte word is the same: no pool memory
@@ -18,6 +18,17 @@ Page table (three flat arrays indexed by page number, 9 bytes per page of the de
                             SAME: the low 32 bits of the fill word; EMPTY: 0
     _csum[p]    array('I')  COMPRESSED/HUGE: checksum of the *uncompressed* page (codec.checksum);
                             SAME: the high 32 bits of the fill word; EMPTY: 0
+    _cold[p]    bytearray   1: the COMPRESSED object is in the cold format (codec.encode_cold)
+    _age[p]     bytearray   tried << 7 | the tick (7 bits) of the page's last read or write
+
+Recompression (csrc/store.c: PAGE AGE, S5; this is its specification).  :meth:`tick` advances
+the clock.  A page is idle after ``idle_ticks`` ticks untouched (ticks counted mod 128); a read
+or a write of it (every page a request covers; a discard's merged edge pages) stamps it with
+the current tick and clears tried.  :meth:`recompress` takes every idle page that holds an
+object not in the cold format and not tried, and stores it again in the cold format when
+that is smaller than its object; else it marks it tried.  It replaces the entry only if the
+entry is still the one it decoded (checked under the stripe lock), keeping the checksum, and
+frees the old object after.  A write always stores the fast format again.
 
 The checksum lives beside the handle, not beside the data, so a stray write into the pool
 cannot corrupt both.  Metadata per stored page: 9 B of page table here (allocated up front for
@@ -86,7 +97,7 @@ from dataclasses import dataclass
 from typing import Final, NoReturn
 
 from zcached import codec
-from zcached.codec import COMPRESSED, HUGE, PAGE_SIZE, SAME, Codec, CodecError
+from zcached.codec import COMPRESSED, HUGE, PAGE_SIZE, SAME, ZSTD_LEVELS, Codec, CodecError
 from zcached.xcfmalloc import PoolFullError, XcfMalloc
 
 PAGE_SHIFT: Final = 12
@@ -96,7 +107,14 @@ STRIPE_SHIFT: Final = 6  # 64 pages per stripe run
 NSTRIPES: Final = 64
 STRIPE_MASK: Final = NSTRIPES - 1
 U32: Final = 0xFFFFFFFF
-TABLE_BYTES_PER_PAGE: Final = 4 + 4 + 1  # _handle, _csum, _state
+TABLE_BYTES_PER_PAGE: Final = 4 + 4 + 1 + 1 + 1  # _handle, _csum, _state, _cold, _age
+AGE_TRIED: Final = 0x80
+AGE_EPOCH: Final = 0x7F
+MAX_IDLE_TICKS: Final = 64
+RECOMPRESS_REPORT: Final = (
+    "scanned", "candidates", "recompressed", "kept", "raced", "failed",
+    "bytes_before", "bytes_after", "dict",
+)  # fmt: skip
 PARALLEL_MIN_PAGES: Final = 32  # batches from 128 KiB up may be encoded by several threads
 
 Entry = tuple[int, int, int, int, int]  # (page, state, handle or word low, csum or word high, size)
@@ -136,6 +154,10 @@ class StoreStats:
     pages_stored: int
     npages: int
     table_bytes: int  # bytes of the page table (TABLE_BYTES_PER_PAGE x npages)
+    # recompression
+    cold_pages: int = 0  # pages whose object is in the cold format
+    cold_bytes: int = 0  # bytes of those objects
+    recompressed: int = 0  # pages recompressed so far
 
 
 class PageStore:
@@ -165,6 +187,10 @@ class PageStore:
         self._state = bytearray(n)
         self._handle = array("I", bytes(4 * n))
         self._csum = array("I", bytes(4 * n))
+        self._cold = bytearray(n)
+        self._age = bytearray(n)
+        self._epoch = 0
+        self._recompressed = 0
         self._locks = [threading.Lock() for _ in range(NSTRIPES)]
         # Pages read, per stripe, counted under the stripe lock (no stats lock on reads) when
         # their request takes its snapshot, so the pages of a request that then fails its
@@ -251,12 +277,14 @@ class PageStore:
             state = self._state[p]
             h = self._handle[p]
             csum = self._csum[p]
+            cold = self._cold[p]
             if state > SAME:
                 stored = self._aread(h)
             self._stripe_reads[s] += 1
+            self._touch(p)
         if state > SAME:
             try:
-                return self._decode(state, stored, csum)
+                return self._decode_entry(state, cold, stored, csum)
             except CodecError as e:
                 self._integrity_error(p, str(e))
         if state == EMPTY:
@@ -275,18 +303,21 @@ class PageStore:
                 (p, st, csums[p], aread(handles[p]) if st > SAME else handles[p])
                 for p, st in enumerate(state[first : last + 1], first)
             ]
+            colds = self._cold[first : last + 1]
             self._stripe_reads[(first >> STRIPE_SHIFT) & STRIPE_MASK] += len(entries)
+            for p in range(first, last + 1):
+                self._touch(p)
         finally:
             for lock in reversed(locks):
                 lock.release()
-        decode = self._decode
+        decode = self._decode_entry
         pages: list[bytes] = []
         append = pages.append
-        for p, st, csum, stored in entries:
+        for (p, st, csum, stored), cold in zip(entries, colds, strict=True):
             if st > SAME:
                 assert isinstance(stored, bytes)
                 try:
-                    append(decode(st, stored, csum))
+                    append(decode(st, cold, stored, csum))
                 except CodecError as e:
                     self._integrity_error(p, str(e))
             elif st == EMPTY:
@@ -296,18 +327,32 @@ class PageStore:
                 append(codec.fill_page((csum << 32) | stored))
         return pages
 
-    def _snapshot(self, p: int) -> tuple[int, int, int | bytes]:
-        """(state, csum, handle-or-stored-bytes) of page p; caller holds its stripe lock."""
+    def _touch(self, p: int) -> None:
+        """Page p was read or written (caller holds its stripe lock): young, not tried."""
+        self._age[p] = self._epoch & AGE_EPOCH
+
+    def _decode_entry(self, state: int, cold: int, stored: bytes, csum: int) -> bytes:
+        """The page an object holds, verified against csum; CodecError otherwise."""
+        if not cold:
+            return self._decode(state, stored, csum)
+        page = codec.decode_cold(stored)
+        if codec.checksum(page) != csum:
+            raise CodecError("checksum mismatch")
+        return page
+
+    def _snapshot(self, p: int) -> tuple[int, int, int | bytes, int]:
+        """(state, csum, handle-or-stored-bytes, cold) of page p; caller holds its stripe
+        lock."""
         state = self._state[p]
         if state == EMPTY:
-            return EMPTY, 0, 0
+            return EMPTY, 0, 0, 0
         if state == SAME:
-            return SAME, self._csum[p], self._handle[p]
-        return state, self._csum[p], self.allocator.read(self._handle[p])
+            return SAME, self._csum[p], self._handle[p], 0
+        return state, self._csum[p], self.allocator.read(self._handle[p]), self._cold[p]
 
-    def _materialise(self, p: int, entry: tuple[int, int, int | bytes]) -> bytes:
+    def _materialise(self, p: int, entry: tuple[int, int, int | bytes, int]) -> bytes:
         """The page from a snapshot, verified; StoreError(EIO) on any mismatch."""
-        state, csum, stored = entry
+        state, csum, stored, cold = entry
         if state == EMPTY:
             return _ZERO_PAGE
         if state == SAME:
@@ -315,12 +360,9 @@ class PageStore:
             return codec.fill_page((csum << 32) | stored)
         assert isinstance(stored, bytes)
         try:
-            page = self.codec.decode(state, stored)
+            return self._decode_entry(state, cold, stored, csum)
         except CodecError as e:
             self._integrity_error(p, str(e))
-        if codec.checksum(page) != csum:
-            self._integrity_error(p, "checksum mismatch")
-        return page
 
     def _integrity_error(self, p: int, why: str) -> NoReturn:
         with self._stat_lock:
@@ -391,6 +433,8 @@ class PageStore:
             state[p] = kind
             handle[p] = h
             self._csum[p] = csum
+            self._cold[p] = 0
+            self._touch(p)
             self._stripe_writes[s] += 1
             s <<= 2
             counts[s + kind] += 1
@@ -521,6 +565,8 @@ class PageStore:
             state[p] = st
             handle[p] = h
             csums[p] = c
+            self._cold[p] = 0
+            self._touch(p)
         return old
 
     def _drop(self, new: list[Entry]) -> None:
@@ -623,7 +669,92 @@ class PageStore:
                     handle[k] = 0
                     csums[k] = 0
             state[i:j] = bytes(j - i)
+            self._cold[i:j] = bytes(j - i)
         return old
+
+    # ---- recompression (the module docstring) ------------------------------------------------
+
+    def tick(self) -> None:
+        """Advance the clock of page ages by one tick."""
+        self._epoch += 1
+
+    def recompress(
+        self, start: int, max_scan: int, idle_ticks: int, level: int
+    ) -> tuple[int, dict[str, int]]:
+        """Store the idle pages of start..start+max_scan-1 (0: to the end) again in the cold
+        format at zstd ``level`` when smaller; where to go on, and the report (the names of
+        csrc/store.h's struct zc_recompress_report; ``dict`` is always 0 here)."""
+        if not 1 <= idle_ticks <= MAX_IDLE_TICKS or level not in ZSTD_LEVELS:
+            raise ValueError("recompress: idle_ticks must be in 1..64 and level a zstd level")
+        end = min(start + max_scan, self.npages) if max_scan else self.npages
+        report = dict.fromkeys(RECOMPRESS_REPORT, 0)
+        for p in range(start, end):
+            report["scanned"] += 1
+            entry = (self._state[p], self._handle[p], self._csum[p])
+            if not self._is_candidate(p, idle_ticks):
+                continue
+            report["candidates"] += 1
+            self._recompress_page(p, entry, level, report)
+        return end, report
+
+    def _is_candidate(self, p: int, idle_ticks: int) -> bool:
+        age = self._age[p]
+        idle = (self._epoch - (age & AGE_EPOCH)) & AGE_EPOCH
+        return (
+            self._state[p] > SAME and not self._cold[p] and not age & AGE_TRIED
+            and idle >= idle_ticks
+        )  # fmt: skip
+
+    def _recompress_page(
+        self, p: int, entry: tuple[int, int, int], level: int, report: dict[str, int]
+    ) -> None:
+        lock = self._locks[(p >> STRIPE_SHIFT) & STRIPE_MASK]
+        age = self._age[p]
+        with lock:
+            if (self._state[p], self._handle[p], self._csum[p]) != entry:
+                report["raced"] += 1
+                return
+            snap = self._snapshot(p)
+        state, _h, csum = entry
+        stored = snap[2]
+        assert isinstance(stored, bytes)
+        try:
+            page = self._decode_entry(state, 0, stored, csum)
+        except CodecError:
+            with self._stat_lock:
+                self._checksum_errors += 1
+            report["failed"] += 1
+            return
+        blob = codec.encode_cold(page, level)
+        if blob is None or len(blob) >= len(stored):
+            with lock:
+                if self._age[p] == age:
+                    self._age[p] = age | AGE_TRIED
+            report["kept"] += 1
+            return
+        try:
+            h = self.allocator.store(blob)
+        except PoolFullError:
+            report["failed"] += 1
+            return
+        with lock:
+            done = (self._state[p], self._handle[p], self._csum[p]) == entry
+            if done:
+                self._state[p] = COMPRESSED
+                self._handle[p] = h
+                self._cold[p] = 1
+        if not done:
+            self.allocator.free(h)
+            report["raced"] += 1
+            return
+        self.allocator.free(entry[1])
+        with self._stat_lock:
+            self._recompressed += 1
+            if state == HUGE:
+                self._huge -= 1
+        report["recompressed"] += 1
+        report["bytes_before"] += len(stored)
+        report["bytes_after"] += len(blob)
 
     # ---- scrubbing ---------------------------------------------------------------------------
 
@@ -639,10 +770,11 @@ class PageStore:
             hi = min(lo + run, self.npages)
             with self._locks[(lo >> STRIPE_SHIFT) & STRIPE_MASK]:
                 entries = [(p, self._snapshot(p)) for p in range(lo, hi) if self._state[p] > SAME]
-            for p, (state, csum, stored) in entries:
+            for p, (state, csum, stored, cold) in entries:
                 assert isinstance(stored, bytes)
                 try:
-                    ok = codec.checksum(self.codec.decode(state, stored)) == csum
+                    self._decode_entry(state, cold, stored, csum)
+                    ok = True
                 except CodecError:
                     ok = False
                 if not ok:
@@ -657,6 +789,9 @@ class PageStore:
         pool = self.allocator.stats()
         counts = self._stripe_counts
         by_state = [sum(counts[k::4]) for k in range(4)]  # by_state[EMPTY] is meaningless
+        cold = [p for p, c in enumerate(self._cold) if c]
+        cold_pages = len(cold)
+        cold_bytes = sum(self.allocator.size(self._handle[p]) for p in cold)
         with self._stat_lock:
             stored = self._pages_stored + by_state[SAME] + by_state[COMPRESSED] + by_state[HUGE]
             return StoreStats(
@@ -677,6 +812,9 @@ class PageStore:
                 pages_stored=stored,
                 npages=self.npages,
                 table_bytes=TABLE_BYTES_PER_PAGE * self.npages,
+                cold_pages=cold_pages,
+                cold_bytes=cold_bytes,
+                recompressed=self._recompressed,
             )
 
     def metadata_bytes(self) -> int:
