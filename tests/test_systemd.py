@@ -222,3 +222,46 @@ def test_every_syscall_the_service_makes_is_allowed_by_the_unit(
     }
     assert {"mincore", "memfd_create", "mount", "swapon"} <= used, sorted(used)
     assert used - unit_allowed_syscalls() == set(), sorted(used - unit_allowed_syscalls())
+
+
+def test_recompression_and_dictionary_syscalls_are_allowed_by_the_unit(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """As above, for what the test above does not reach: a dictionary trained, pages
+    recompressed and read back, and a live upgrade's probe of the arena (no swap here: the
+    test writes the device itself)."""
+    conf = tmp_path / "zcached.toml"
+    conf.write_text('[recompress]\nidle = "1s"\ncpu_budget = 1.0\n')
+    d = daemon_factory("16M", "--no-swap", "--config", str(conf))
+    log = d.root / "strace.txt"
+    d.argv = ["strace", "-f", "-qq", "-c", "-U", "name", "-o", str(log), *d.argv]
+    d.start()
+    assert d.proc is not None
+    keeper = int(str(d.status()["keeper_pid"]))
+    try:
+        fd = os.open(d.image, os.O_RDWR | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        page = [(b"page %d of the syscall test; " % p * 150)[:4096] for p in range(2048)]
+        for p in range(2048):  # compressible: 128 samples, a dictionary, cold pages
+            buf[:] = page[p]
+            os.pwrite(fd, buf, p * 4096)
+        deadline = time.monotonic() + 60
+        while d.metrics().get("zcached_recompressed_pages_total", 0) < 1000:
+            assert time.monotonic() < deadline, d.metrics()
+            time.sleep(0.2)
+        assert d.metrics()["zcached_dictionaries"] >= 1
+        for p in range(0, 2048, 7):
+            os.preadv(fd, [buf], p * 4096)
+            assert bytes(buf) == page[p], p
+        os.close(fd)
+        assert run_cli("upgrade", "--mountpoint", str(d.mountpoint)).returncode == 0
+    finally:
+        if d.proc.poll() is None:
+            os.kill(keeper, signal.SIGTERM)
+    assert d.proc.wait(timeout=HANG) == 0, d.log()
+    used = {
+        ln.split()[0]
+        for ln in log.read_text().splitlines()
+        if ln.strip() and not ln.startswith(("syscall", "-", "total"))
+    }
+    assert used - unit_allowed_syscalls() == set(), sorted(used - unit_allowed_syscalls())

@@ -22,14 +22,15 @@ next starts at the first tick after it ended.
 The dictionary.  With ``dictionary`` on and no dictionary in the store yet, the thread starts
 the core's sample reservoir (``samples`` pages, one in 8 x ``sample_stride`` of the pages
 writers store: samples of the pages as they arrive) and trains a dictionary of ``dict_bytes``
-on it (libzstd's ZDICT, in C, outside the GIL) once it is full, or before a pass once it holds
-any samples at all (pages recompressed without a dictionary stay so until rewritten, so a
-poorer dictionary beats none).  Every pass then uses the current one.  The ratio that the
-first pass of at least ``min_pages`` pages gets with a dictionary (bytes after / bytes before)
-is its baseline; a later pass more than ``drift`` worse starts the reservoir again, and a new
-dictionary is trained when it is full.  The old one is freed by the core when no page uses it.
-Measured (bench recompress_bench, 256 MiB of heap pages): 1024 samples do as well as 4096, and
-64 KiB of dictionary take zstd-3 from 0.62x to 0.55x of lz4's bytes (32 KiB: 0.553x).
+on it (libzstd's ZDICT, in C, outside the GIL) once it is full, or, from the first pass that
+may find idle pages on, before a pass once it holds enough samples (pages recompressed without
+a dictionary stay so until rewritten, so a poorer dictionary beats none).  Every pass then
+uses the current one.  The ratio that the first pass of at least ``min_pages`` pages gets with
+a dictionary (bytes after / bytes before) is its baseline; a later pass more than ``drift``
+worse starts the reservoir again, and a new dictionary is trained when it is full.  The old
+one is freed by the core when no page uses it.  Measured in-process on the benchmarks' 256 MiB
+of heap pages: 1024 samples do as well as 4096, and 64 KiB of dictionary take the pool of
+zstd-3 from 0.62x to 0.55x of lz4's (32 KiB: 0.56x); other ZDICT parameters gained nothing.
 
 Counters (written by the thread only, read without a lock): ``runs`` (finished passes),
 ``seconds`` (their wall time, pacing and training included), ``cpu_seconds`` (the same),
@@ -191,7 +192,9 @@ class Recompressor:
         """One scan of the page table, paced; returns early when stopped."""
         p = self.policy
         t0, c0 = time.monotonic(), time.thread_time()
-        self.maybe_train(before_pass=True)
+        # Pages written before the first tick may be idle from this pass on: from then, a
+        # partial reservoir is trained on rather than let pages go cold without a dictionary.
+        self.maybe_train(before_pass=self.runs >= IDLE_TICKS - 1)
         cursor = 0
         done = dict.fromkeys(REPORT_KEYS, 0)
         while cursor < self.store.npages and not self._stop.is_set():
