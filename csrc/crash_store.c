@@ -5,9 +5,9 @@
  * (zc_store_attach), runs W writer threads (each on its own disjoint pages, so every page has
  * one writer) and a compactor that also recompresses (a tick, then every page idle for one
  * tick stored again in the cold format; now and then a zstd dictionary trained on samples
- * of the pages written and made current), and is killed with SIGKILL a random 0..30 ms after its workers
- * started (one kill in 8: after the fork, which also cuts attaches short; every
- * CLEAN_EVERY-th round it instead finishes a fixed number of operations and exits 0).  The
+ * of the pages written and made current), and is killed with SIGKILL a random 0..30 ms
+ * after its workers started (one kill in 8: after the fork, which also cuts attaches short;
+ * every CLEAN_EVERY-th round it instead finishes a fixed number of operations and exits 0).  The
  * parent then attaches the arena itself (the recovery under test), checks the allocator
  * (zc_store_check), reads every page back and compares it byte for byte with what the model
  * allows, checks the counters against the recovery report, settles the model, and closes the

@@ -441,7 +441,8 @@ static PyObject *Store_recompress(StoreObject *so, PyObject *args)
 	if (!ok)
 		return PyErr_NoMemory();
 	if (next == UINT64_MAX) {
-		PyErr_SetString(PyExc_ValueError, "recompress: idle_ticks must be in 1..64 and level a zstd level");
+		PyErr_SetString(PyExc_ValueError,
+				"recompress: idle_ticks must be in 1..64 and level a zstd level");
 		return NULL;
 	}
 	const uint64_t vals[] = {r.scanned, r.candidates,   r.recompressed, r.kept,  r.raced,

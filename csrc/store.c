@@ -1341,7 +1341,8 @@ static int read_header(const struct zc_arena *a, struct zc_store_config *cfg, st
 		return -EPROTO;
 	geometry(cfg, g);
 	layout_of(h->npages, g, l);
-	if (l->end != a->size || h->off_pte != l->pte || h->off_fill != l->fill || h->off_age != l->age || h->off_dict != l->dict ||
+	if (l->end != a->size || h->off_pte != l->pte || h->off_fill != l->fill ||
+	    h->off_age != l->age || h->off_dict != l->dict ||
 	    h->off_ctx != l->ctx || h->off_xcf != l->xcf || h->pool_pages != g->pool_pages ||
 	    h->max_handles != g->max_handles || h->max_vpages != g->max_vpages)
 		return -EPROTO;

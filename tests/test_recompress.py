@@ -13,14 +13,14 @@ import errno
 import mmap
 import os
 import random
-import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 from conftest import Daemon
-from test_core_model import CORPUS, parse_version, payload, version_page
+from test_core_model import CORPUS, parse_version, payload, run_threads, version_page
 
 from zcached.core import CoreStore
 from zcached.recompressor import IDLE_TICKS, Recompressor, RecompressPolicy
@@ -61,8 +61,7 @@ def age(store: CoreStore, ticks: int) -> None:
 
 
 def test_idle_pages_go_cold_and_read_back_exactly() -> None:
-    s = CoreStore(16 * MiB)
-    try:
+    with closing(CoreStore(16 * MiB)) as s:
         pages = {p: text_page(p) for p in range(1000)}
         fill(s, pages)
         before = raw(s)
@@ -82,13 +81,10 @@ def test_idle_pages_go_cold_and_read_back_exactly() -> None:
         assert_all_read_back(s, pages)
         assert s.core.check() == 0 and s.scrub() == []
         assert full_pass(s)["candidates"] == 0  # cold pages are never recompressed again
-    finally:
-        s.close()
 
 
 def test_only_pages_untouched_for_idle_ticks_are_taken() -> None:
-    s = CoreStore(4 * MiB)
-    try:
+    with closing(CoreStore(4 * MiB)) as s:
         pages = {p: text_page(p) for p in range(64)}
         fill(s, pages)
         age(s, 3)
@@ -100,15 +96,12 @@ def test_only_pages_untouched_for_idle_ticks_are_taken() -> None:
         age(s, 3)
         assert full_pass(s, idle=4)["recompressed"] == 8
         assert_all_read_back(s, pages)
-    finally:
-        s.close()
 
 
 def test_ages_count_ticks_modulo_128() -> None:
     """Ages are 7 bits: a page 130 ticks untouched looks 2 ticks old (taken a little later,
     never wrongly); one 64 ticks untouched is idle for the longest idle_ticks."""
-    s = CoreStore(1 * MiB)
-    try:
+    with closing(CoreStore(1 * MiB)) as s:
         s.write(0, text_page(0))
         s.write(PS, text_page(1))
         age(s, 64)
@@ -118,13 +111,10 @@ def test_ages_count_ticks_modulo_128() -> None:
         age(s, 2)
         assert s.recompress(0, 1, 4, 1)[1]["recompressed"] == 1
         assert s.read(0, 2 * PS) == text_page(0) + text_page(1)
-    finally:
-        s.close()
 
 
 def test_rewrite_and_discard_of_cold_pages() -> None:
-    s = CoreStore(4 * MiB)
-    try:
+    with closing(CoreStore(4 * MiB)) as s:
         pages = {p: text_page(p) for p in range(32)}
         fill(s, pages)
         age(s, 1)
@@ -147,13 +137,10 @@ def test_rewrite_and_discard_of_cold_pages() -> None:
         s.discard(0, 32 * PS)
         assert raw(s)["cold_pages"] == 0 and raw(s)["cold_bytes"] == 0
         assert raw(s)["compr_data_size"] == 0
-    finally:
-        s.close()
 
 
 def test_incompressible_pages_are_kept_and_not_tried_again_until_touched() -> None:
-    s = CoreStore(1 * MiB)
-    try:
+    with closing(CoreStore(1 * MiB)) as s:
         pages = {p: os.urandom(PS) for p in range(16)}
         fill(s, pages)
         age(s, 1)
@@ -166,15 +153,12 @@ def test_incompressible_pages_are_kept_and_not_tried_again_until_touched() -> No
         assert full_pass(s)["candidates"] == 1  # touched: tried again
         assert raw(s)["huge_pages"] == 16 and raw(s)["cold_pages"] == 0
         assert_all_read_back(s, pages)
-    finally:
-        s.close()
 
 
 def test_huge_page_that_zstd_can_shrink_goes_cold() -> None:
     """Half random, half a repeated text: lz4 at the store's threshold keeps it raw only with
     a low threshold; zstd gets it under a page."""
-    s = CoreStore(1 * MiB, huge_threshold=1024)
-    try:
+    with closing(CoreStore(1 * MiB, huge_threshold=1024)) as s:
         page = os.urandom(1536) + text_page(1)[: PS - 1536]
         s.write(0, page)
         assert raw(s)["huge_pages"] == 1
@@ -182,8 +166,6 @@ def test_huge_page_that_zstd_can_shrink_goes_cold() -> None:
         assert full_pass(s)["recompressed"] == 1
         assert raw(s)["huge_pages"] == 0 and raw(s)["cold_pages"] == 1
         assert s.read(0, PS) == page
-    finally:
-        s.close()
 
 
 def test_cold_pages_survive_an_attach_and_their_counts_are_rebuilt() -> None:
@@ -209,18 +191,14 @@ def test_cold_pages_survive_an_attach_and_their_counts_are_rebuilt() -> None:
 
 
 def test_bad_arguments_are_value_errors() -> None:
-    s = CoreStore(1 * MiB)
-    try:
+    with closing(CoreStore(1 * MiB)) as s:
         for idle, level in ((0, 3), (65, 3), (1, 99), (1, -(1 << 20))):
             with pytest.raises(ValueError):
                 s.recompress(0, 0, idle, level)
-    finally:
-        s.close()
 
 
 def test_corrupt_page_is_not_recompressed_and_stays_an_error() -> None:
-    s = CoreStore(1 * MiB)
-    try:
+    with closing(CoreStore(1 * MiB)) as s:
         fill(s, {0: text_page(0), 1: text_page(1)})
         s.corrupt(0)
         age(s, 1)
@@ -229,8 +207,6 @@ def test_corrupt_page_is_not_recompressed_and_stays_an_error() -> None:
         with pytest.raises(OSError):
             s.read(0, PS)
         assert s.read(PS, PS) == text_page(1)
-    finally:
-        s.close()
 
 
 # ---- dictionaries ---------------------------------------------------------------------------
@@ -270,8 +246,7 @@ def test_a_trained_dictionary_makes_cold_pages_smaller_and_they_read_back() -> N
 
 
 def test_too_few_samples_is_none_and_the_reservoir_fills_on() -> None:
-    s = CoreStore(4 * MiB)
-    try:
+    with closing(CoreStore(4 * MiB)) as s:
         assert s.train_dictionary(4096, 3) is None  # no reservoir
         s.sample(512, 1)
         fill(s, {p: text_page(p) for p in range(80)})  # 10 samples
@@ -279,14 +254,11 @@ def test_too_few_samples_is_none_and_the_reservoir_fills_on() -> None:
         assert 0 < raw(s)["samples"] <= 10
         fill(s, {p: text_page(p) for p in range(80, 800)})
         assert s.train_dictionary(4096, 3) == 1
-    finally:
-        s.close()
 
 
 def test_an_old_dictionary_is_freed_when_no_page_uses_it() -> None:
     pages = {p: text_page(p) for p in range(1024)}
-    s = sampled_store(pages)
-    try:
+    with closing(sampled_store(pages)) as s:
         first = s.train_dictionary(8 << 10, 3)
         age(s, 1)
         full_pass(s)
@@ -298,13 +270,10 @@ def test_an_old_dictionary_is_freed_when_no_page_uses_it() -> None:
         fill(s, new)  # every page the first dictionary made is rewritten
         assert raw(s)["dicts"] == 1 and raw(s)["dict_current"] == second
         assert_all_read_back(s, new)
-    finally:
-        s.close()
 
 
 def test_fifteen_dictionaries_in_use_leave_no_slot() -> None:
-    s = CoreStore(64 * MiB)
-    try:
+    with closing(CoreStore(64 * MiB)) as s:
         for i in range(15):
             s.sample(64, 1)
             fill(s, {i * 600 + p: text_page(i * 600 + p) for p in range(600)})
@@ -317,24 +286,19 @@ def test_fifteen_dictionaries_in_use_leave_no_slot() -> None:
             s.train_dictionary(2048, 1)
         assert e.value.errno == errno.ENOSPC
         assert raw(s)["dicts"] == 15
-    finally:
-        s.close()
 
 
 def test_a_dictionary_trained_by_python_zstandard_works_in_the_core() -> None:
     """Dictionaries are plain zstd dictionaries: one trained elsewhere can be given."""
     zstandard = pytest.importorskip("zstandard")
     pages = {p: text_page(p) for p in range(512)}
-    s = CoreStore(4 * MiB)
-    try:
+    with closing(CoreStore(4 * MiB)) as s:
         fill(s, pages)
         d = zstandard.train_dictionary(8192, list(pages.values()))
         did = s.set_dictionary(d.as_bytes(), 3)
         age(s, 1)
         assert full_pass(s)["dict"] == did
         assert_all_read_back(s, pages)
-    finally:
-        s.close()
 
 
 def test_cold_pages_and_dictionaries_survive_an_attach() -> None:
@@ -372,15 +336,14 @@ def test_writers_discards_compaction_and_recompression_race() -> None:
     s = CoreStore(32 * MiB, heaps=2)
     npages, writers, rounds = 2048, 2, 12000
     last: list[dict[int, int]] = [{} for _ in range(writers)]
-    errors: list[str] = []
-    stop = threading.Event()
     reports: dict[str, int] = dict.fromkeys(("recompressed", "raced", "kept", "failed"), 0)
     trained: list[int] = []
+    passes = 0
 
-    def writer(w: int) -> None:
-        rng = random.Random(w)
-        mine = list(range(w, npages, writers))
-        try:
+    def writer(w: int) -> Callable[[], None]:
+        def run() -> None:
+            rng = random.Random(w)
+            mine = list(range(w, npages, writers))
             for _ in range(rounds):
                 p = rng.choice(mine)
                 if rng.random() < 0.05:
@@ -393,56 +356,38 @@ def test_writers_discards_compaction_and_recompression_race() -> None:
                 q = rng.choice(mine)
                 got = s.read(q * PS, PS)
                 if q in last[w]:
-                    if parse_version(got) != (w, last[w][q], q):
-                        errors.append(f"page {q}: {parse_version(got)} not v{last[w][q]}")
-                elif got != bytes(PS):
-                    errors.append(f"page {q}: discarded but not zeros")
-        except Exception as e:
-            errors.append(f"writer {w}: {e!r}")
+                    assert parse_version(got) == (w, last[w][q], q), f"page {q}"
+                else:
+                    assert got == bytes(PS), f"page {q}: discarded but not zeros"
 
-    def recompressor() -> None:
-        try:
-            passes = 0
-            while not stop.is_set():
-                s.tick()
-                cursor = 0
-                while cursor < npages:
-                    cursor, r = s.recompress(cursor, 256, 1, 1)
-                    for k in reports:
-                        reports[k] += r[k]
-                passes += 1
-                if passes % 4 == 0:  # dictionaries come and go under the readers' feet
-                    if s.train_dictionary(4096, 1) is not None:
-                        trained.append(passes)
-                    elif not raw(s)["sample_cap"]:
-                        s.sample(64, 1)
-        except Exception as e:
-            errors.append(f"recompressor: {e!r}")
+        return run
 
-    def compactor() -> None:
-        try:
-            while not stop.is_set():
-                s.core.compact(64)
-                time.sleep(0.001)
-        except Exception as e:
-            errors.append(f"compactor: {e!r}")
+    def recompress_pass() -> None:
+        nonlocal passes
+        s.tick()
+        cursor = 0
+        while cursor < npages:
+            cursor, r = s.recompress(cursor, 256, 1, 1)
+            for k in reports:
+                reports[k] += r[k]
+        passes += 1
+        if passes % 4 == 0:  # dictionaries come and go under the readers' feet
+            if s.train_dictionary(4096, 1) is not None:
+                trained.append(passes)
+            elif not raw(s)["sample_cap"]:
+                s.sample(64, 1)
 
-    # first versions of every page, all idle after the first tick
-    for w in range(writers):
-        for p in range(w, npages, writers):
-            s.write(p * PS, version_page(w, 1, p))
-            last[w][p] = 1
-    bg = [threading.Thread(target=f) for f in (recompressor, compactor)]
-    fg = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
-    for t in bg + fg:
-        t.start()
-    for t in fg:
-        t.join()
-    stop.set()
-    for t in bg:
-        t.join()
+    def compact_step() -> None:
+        s.core.compact(64)
+        time.sleep(0.001)
+
     try:
-        assert errors == [], errors[:5]
+        # first versions of every page, all idle after the first tick
+        for w in range(writers):
+            for p in range(w, npages, writers):
+                s.write(p * PS, version_page(w, 1, p))
+                last[w][p] = 1
+        run_threads([writer(w) for w in range(writers)], [recompress_pass, compact_step])
         for w in range(writers):
             for p in range(w, npages, writers):
                 got = s.read(p * PS, PS)
@@ -463,17 +408,14 @@ def test_writers_discards_compaction_and_recompression_race() -> None:
         want = {k: st[k] for k in ("cold_pages", "cold_bytes", "pages_stored", "huge_pages")}
         live_dicts = st["dicts"]
         s.close()
-        t = CoreStore.attach(fd)
-        try:
+        with closing(CoreStore.attach(fd)) as t:
             got = raw(t)
             assert {k: got[k] for k in want} == want
             assert got["dicts"] <= live_dicts  # the attach frees the ones no page uses
             for w in range(writers):
                 for p in last[w]:
                     assert parse_version(t.read(p * PS, PS)) == (w, last[w][p], p)
-        finally:
-            t.close()
-            os.close(fd)
+        os.close(fd)
     finally:
         s.close()  # again if closed above: a no-op
 
@@ -481,43 +423,37 @@ def test_writers_discards_compaction_and_recompression_race() -> None:
 def test_a_page_rewritten_while_recompressed_keeps_the_new_data() -> None:
     """One page, rewritten in a tight loop with a new version each time while the recompressor
     works on it in another thread: the recompressor must lose every race it meets (S5)."""
-    s = CoreStore(1 * MiB)
     raced = 0
-    try:
-        done = threading.Event()
-        v = 0
+    last = 0
 
-        def recompress_loop() -> None:
-            nonlocal raced
-            while not done.is_set():
-                s.tick()
-                _n, r = s.recompress(0, 1, 1, 1)
-                raced += r["raced"]
+    with closing(CoreStore(1 * MiB)) as s:
 
-        t = threading.Thread(target=recompress_loop)
-        t.start()
-        try:
+        def rewrite() -> None:
+            nonlocal last
             for v in range(1, 20001):
                 data = v.to_bytes(4, "little") + payload("graded", 0, PS - 4, v, 0)[: PS - 4]
                 s.write(0, data)
+                last = v
                 if v % 4 == 0:
                     assert s.read(0, PS) == data, v
-        finally:
-            done.set()
-            t.join()
-        assert s.read(0, PS)[:4] == v.to_bytes(4, "little")
+
+        def recompress_step() -> None:
+            nonlocal raced
+            s.tick()
+            _n, r = s.recompress(0, 1, 1, 1)
+            raced += r["raced"]
+
+        run_threads([rewrite], [recompress_step])
+        assert s.read(0, PS)[:4] == last.to_bytes(4, "little")
         print(f"{raced} races lost by the recompressor")
         assert raw(s)["recompressed"] > 0
-    finally:
-        s.close()
 
 
 # ---- the policy thread ----------------------------------------------------------------------
 
 
 def test_recompressor_thread_recompresses_idle_pages_within_its_budget() -> None:
-    s = CoreStore(16 * MiB)
-    try:
+    with closing(CoreStore(16 * MiB)) as s:
         pages = {p: text_page(p) for p in range(2000)}
         policy = RecompressPolicy(
             idle=1.0, level=3, cpu_budget=0.5, step_pages=512, samples=128, sample_stride=1
@@ -536,8 +472,6 @@ def test_recompressor_thread_recompresses_idle_pages_within_its_budget() -> None
         # paced: CPU of the passes at most the budget of their wall time (plus a step's slack)
         assert r.cpu_seconds <= policy.cpu_budget * r.seconds + 0.2, (r.cpu_seconds, r.seconds)
         assert_all_read_back(s, pages)
-    finally:
-        s.close()
 
 
 # ---- the daemon -----------------------------------------------------------------------------

@@ -177,6 +177,29 @@ def unit_allowed_syscalls() -> set[str]:
 
 @needs_analyze
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
+def under_strace(d: Daemon) -> Path:
+    """Run the daemon under strace -f, counting its system calls by name; the log's path."""
+    log = d.root / "strace.txt"
+    d.argv = ["strace", "-f", "-qq", "-c", "-U", "name", "-o", str(log), *d.argv]
+    return log
+
+
+def stop_traced(d: Daemon, keeper: int) -> None:
+    """strace run with -o FILE blocks fatal signals for itself (its -I default), so the
+    keeper is stopped by its own pid; strace then exits with the keeper's exit code."""
+    assert d.proc is not None
+    if d.proc.poll() is None:
+        os.kill(keeper, signal.SIGTERM)
+
+
+def syscalls_used(log: Path) -> set[str]:
+    return {
+        ln.split()[0]
+        for ln in log.read_text().splitlines()
+        if ln.strip() and not ln.startswith(("syscall", "-", "total"))
+    }
+
+
 def test_every_syscall_the_service_makes_is_allowed_by_the_unit(
     daemon_factory: Callable[..., Daemon],
 ) -> None:
@@ -188,8 +211,7 @@ def test_every_syscall_the_service_makes_is_allowed_by_the_unit(
     if active_swaps():
         pytest.skip("another swap is active")
     d = daemon_factory("16M", "--swap")
-    log = d.root / "strace.txt"
-    d.argv = ["strace", "-f", "-qq", "-c", "-U", "name", "-o", str(log), *d.argv]
+    log = under_strace(d)
     d.start()
     assert d.proc is not None
     doc = d.status()
@@ -210,16 +232,9 @@ def test_every_syscall_the_service_makes_is_allowed_by_the_unit(
                     break
         assert run_cli("upgrade", "--mountpoint", str(d.mountpoint)).returncode == 0
     finally:
-        # strace run with -o FILE blocks fatal signals for itself (its -I default), so the
-        # keeper is stopped by its own pid; strace then exits with the keeper's exit code.
-        if d.proc.poll() is None:
-            os.kill(keeper, signal.SIGTERM)
+        stop_traced(d, keeper)
     assert d.proc.wait(timeout=HANG) == 0, d.log()
-    used = {
-        ln.split()[0]
-        for ln in log.read_text().splitlines()
-        if ln.strip() and not ln.startswith(("syscall", "-", "total"))
-    }
+    used = syscalls_used(log)
     assert {"mincore", "memfd_create", "mount", "swapon"} <= used, sorted(used)
     assert used - unit_allowed_syscalls() == set(), sorted(used - unit_allowed_syscalls())
 
@@ -233,8 +248,7 @@ def test_recompression_and_dictionary_syscalls_are_allowed_by_the_unit(
     conf = tmp_path / "zcached.toml"
     conf.write_text('[recompress]\nidle = "1s"\ncpu_budget = 1.0\n')
     d = daemon_factory("16M", "--no-swap", "--config", str(conf))
-    log = d.root / "strace.txt"
-    d.argv = ["strace", "-f", "-qq", "-c", "-U", "name", "-o", str(log), *d.argv]
+    log = under_strace(d)
     d.start()
     assert d.proc is not None
     keeper = int(str(d.status()["keeper_pid"]))
@@ -256,12 +270,7 @@ def test_recompression_and_dictionary_syscalls_are_allowed_by_the_unit(
         os.close(fd)
         assert run_cli("upgrade", "--mountpoint", str(d.mountpoint)).returncode == 0
     finally:
-        if d.proc.poll() is None:
-            os.kill(keeper, signal.SIGTERM)
+        stop_traced(d, keeper)
     assert d.proc.wait(timeout=HANG) == 0, d.log()
-    used = {
-        ln.split()[0]
-        for ln in log.read_text().splitlines()
-        if ln.strip() and not ln.startswith(("syscall", "-", "total"))
-    }
+    used = syscalls_used(log)
     assert used - unit_allowed_syscalls() == set(), sorted(used - unit_allowed_syscalls())

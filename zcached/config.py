@@ -180,13 +180,19 @@ def load_file(path: str) -> dict[str, Any]:
     return data
 
 
-def _compaction(craw: object) -> Compaction:
+def _table(raw: object, name: str, keys: set[str]) -> dict[str, Any]:
+    """The [name] table, if it is one and holds only ``keys``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a table [{name}]")
+    for k in raw:
+        if k not in keys:
+            raise ConfigError(f"unknown key '{name}.{k}'")
+    return raw
+
+
+def _compaction(table: object) -> Compaction:
     """The [compaction] table; missing keys take Compaction's defaults."""
-    if not isinstance(craw, dict):
-        raise ConfigError("compaction: expected a table [compaction]")
-    for k in craw:
-        if k not in _COMPACTION_KEYS:
-            raise ConfigError(f"unknown key 'compaction.{k}'")
+    craw = _table(table, "compaction", _COMPACTION_KEYS)
     d = Compaction()
     num = "a number"
     frag = _typed(
@@ -217,13 +223,9 @@ def parse_duration(value: object, key: str) -> float:
     return float(m.group(1)) * _DURATION_UNIT[m.group(2)]
 
 
-def _recompress(rraw: object) -> Recompress:
+def _recompress(table: object) -> Recompress:
     """The [recompress] table; missing keys take Recompress's defaults."""
-    if not isinstance(rraw, dict):
-        raise ConfigError("recompress: expected a table [recompress]")
-    for k in rraw:
-        if k not in _RECOMPRESS_KEYS:
-            raise ConfigError(f"unknown key 'recompress.{k}'")
+    rraw = _table(table, "recompress", _RECOMPRESS_KEYS)
     d = Recompress()
     enabled = _typed("recompress.enabled", rraw.get("enabled", d.enabled), bool, "true or false")
     idle = parse_duration(rraw.get("idle", d.idle), "recompress.idle")

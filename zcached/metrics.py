@@ -111,8 +111,8 @@ class ZcachedCollector(Collector):
         yield c("zcached_checksum_errors", "Pages failing verification.", value=s.checksum_errors)
 
         raw_stats = getattr(self.store, "raw_stats", None)
-        yield from self._survival(raw_stats)
-        raw = raw_stats() if raw_stats is not None else {}
+        raw: Mapping[str, int] = raw_stats() if raw_stats is not None else {}
+        yield from self._survival(raw)
         yield from self._codecs(s, raw, str(getattr(self.store, "compressor", "lz4")))
 
         alloc = getattr(self.store, "allocator", None)
@@ -157,10 +157,9 @@ class ZcachedCollector(Collector):
         build.add_metric([], {"version": _VERSION})
         yield build
 
-    def _survival(self, raw_stats: Callable[[], Mapping[str, int]] | None) -> Iterable[Metric]:
+    def _survival(self, raw: Mapping[str, int]) -> Iterable[Metric]:
         """Crash recovery: the store's recoveries and lost pages (the C store's counters; the
         model never recovers), the keeper's restarts, upgrades and last pause (from info)."""
-        raw = raw_stats() if raw_stats is not None else {}
         info = self.info() if self.info is not None else {}
 
         def num(key: str) -> float:
