@@ -16,6 +16,7 @@
 #include <lz4.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <xxhash.h>
 #include <zdict.h>
 #include <zstd.h>
@@ -56,6 +57,53 @@ void zc_fill_page(uint8_t *page, uint64_t word)
 		memcpy(page + 8u * i, &word, 8);
 }
 
+/* zstd's memory for the cold codec: every block its own mapping, so that what
+ * zc_codec_cold_close frees goes back to the kernel at once, whatever malloc would keep. */
+#define MAP_HDR 64u
+
+static void *map_alloc(void *opaque, size_t n)
+{
+	(void)opaque;
+	void *p = mmap(NULL, n + MAP_HDR, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+		       0);
+
+	if (p == MAP_FAILED)
+		return NULL;
+	*(size_t *)p = n + MAP_HDR;
+	return (uint8_t *)p + MAP_HDR;
+}
+
+static void map_free(void *opaque, void *addr)
+{
+	(void)opaque;
+	if (!addr)
+		return;
+	uint8_t *p = (uint8_t *)addr - MAP_HDR;
+
+	munmap(p, *(size_t *)p);
+}
+
+static const ZSTD_customMem map_mem = { map_alloc, map_free, NULL };
+
+static int cctx_setup(ZSTD_CCtx *cc, int level)
+{
+	if (ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_compressionLevel, level)) ||
+	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_format, ZSTD_f_zstd1_magicless)) ||
+	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_contentSizeFlag, 0)) ||
+	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_checksumFlag, 0)) ||
+	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_dictIDFlag, 0)) ||
+	    ZSTD_isError(ZSTD_CCtx_setPledgedSrcSize(cc, ZC_CODEC_PAGE)))
+		return -EINVAL;
+	return 0;
+}
+
+static int dctx_setup(ZSTD_DCtx *dc)
+{
+	return ZSTD_isError(ZSTD_DCtx_setParameter(dc, ZSTD_d_format, ZSTD_f_zstd1_magicless))
+		       ? -EINVAL
+		       : 0;
+}
+
 static int zstd_setup(struct zc_codec *c)
 {
 	ZSTD_CCtx *cc = ZSTD_createCCtx();
@@ -65,15 +113,14 @@ static int zstd_setup(struct zc_codec *c)
 	c->dctx = dc;
 	if (!cc || !dc)
 		return -ENOMEM;
-	if (ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_compressionLevel, c->level)) ||
-	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_format, ZSTD_f_zstd1_magicless)) ||
-	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_contentSizeFlag, 0)) ||
-	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_checksumFlag, 0)) ||
-	    ZSTD_isError(ZSTD_CCtx_setParameter(cc, ZSTD_c_dictIDFlag, 0)) ||
-	    ZSTD_isError(ZSTD_CCtx_setPledgedSrcSize(cc, ZC_CODEC_PAGE)) ||
-	    ZSTD_isError(ZSTD_DCtx_setParameter(dc, ZSTD_d_format, ZSTD_f_zstd1_magicless)))
-		return -EINVAL;
-	return 0;
+	return cctx_setup(cc, c->level) || dctx_setup(dc) ? -EINVAL : 0;
+}
+
+int zc_codec_level_ok(int compressor, int level)
+{
+	if (compressor == 0)
+		return level >= 1 && level <= 65537;
+	return compressor == 1 && level >= ZSTD_minCLevel() && level <= ZSTD_maxCLevel();
 }
 
 int zc_codec_init(struct zc_codec *c, int compressor, int level, uint32_t huge_threshold)
@@ -84,10 +131,10 @@ int zc_codec_init(struct zc_codec *c, int compressor, int level, uint32_t huge_t
 	c->huge_threshold = huge_threshold;
 	if (huge_threshold < 1 || huge_threshold > ZC_CODEC_PAGE)
 		return -EINVAL;
-	if (compressor == 0)
-		return level >= 1 && level <= 65537 ? 0 : -EINVAL;
-	if (compressor != 1 || level < ZSTD_minCLevel() || level > ZSTD_maxCLevel())
+	if (!zc_codec_level_ok(compressor, level))
 		return -EINVAL;
+	if (compressor == 0)
+		return 0;
 	int rc = zstd_setup(c);
 
 	if (rc)
@@ -95,8 +142,25 @@ int zc_codec_init(struct zc_codec *c, int compressor, int level, uint32_t huge_t
 	return rc;
 }
 
+int zc_codec_init_cold(struct zc_codec *c)
+{
+	memset(c, 0, sizeof(*c));
+	c->compressor = 1;
+	c->level = 0; /* no encoder until zc_codec_cold_open */
+	c->huge_threshold = ZC_CODEC_PAGE;
+	c->dctx = ZSTD_createDCtx_advanced(map_mem);
+	if (!c->dctx)
+		return -ENOMEM;
+	if (dctx_setup(c->dctx)) {
+		zc_codec_fini(c);
+		return -EINVAL;
+	}
+	return 0;
+}
+
 void zc_codec_fini(struct zc_codec *c)
 {
+	zc_codec_cold_close(c);
 	ZSTD_freeCCtx(c->cctx);
 	ZSTD_freeDCtx(c->dctx);
 	c->cctx = c->dctx = NULL;
@@ -155,31 +219,61 @@ int zc_codec_decode(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8
 
 /* ---- the cold format ----------------------------------------------------------------------- */
 
-int zc_codec_set_level(struct zc_codec *c, int level)
+int zc_codec_cold_open(struct zc_codec *c, int level, unsigned id, const uint8_t *dict,
+		       uint32_t len)
 {
-	if (c->compressor != 1 || level < ZSTD_minCLevel() || level > ZSTD_maxCLevel())
+	if (c->compressor != 1 || c->cold || id >= ZC_MAX_DICTS || (id != 0) != (dict != NULL) ||
+	    len > ZC_DICT_MAX || !zc_codec_level_ok(1, level))
 		return -EINVAL;
-	if (level == c->level)
-		return 0;
-	if (ZSTD_isError(ZSTD_CCtx_setParameter(c->cctx, ZSTD_c_compressionLevel, level)))
-		return -EINVAL;
+	ZSTD_CCtx *cc = ZSTD_createCCtx_advanced(map_mem);
+
+	if (!cc)
+		return -ENOMEM;
+	c->cold = cc;
+	c->cold_id = id;
 	c->level = level;
+	if (cctx_setup(cc, level)) {
+		zc_codec_cold_close(c);
+		return -EINVAL;
+	}
+	if (!id)
+		return 0;
+	ZSTD_compressionParameters cp = ZSTD_getCParams(level, ZC_CODEC_PAGE, len);
+
+	c->cdict = ZSTD_createCDict_advanced(dict, len, ZSTD_dlm_byRef, ZSTD_dct_fullDict, cp,
+					     map_mem);
+	if (!c->cdict || ZSTD_isError(ZSTD_CCtx_refCDict(cc, c->cdict))) {
+		zc_codec_cold_close(c);
+		return c->cdict ? -EINVAL : -ENOMEM;
+	}
 	return 0;
 }
 
-int zc_codec_encode_cold(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len,
-			 unsigned id, const struct zc_dict *d)
+void zc_codec_cold_close(struct zc_codec *c)
 {
-	if (c->compressor != 1 || id >= ZC_MAX_DICTS || (id != 0) != (d != NULL))
-		return -EINVAL;
-	if (ZSTD_isError(ZSTD_CCtx_refCDict(c->cctx, d ? d->cdict : NULL)))
-		return -EINVAL;
-	uint32_t n = compress_page(c, page, out + ZC_COLD_HDR, ZC_CODEC_OUT_MAX - ZC_COLD_HDR);
+	ZSTD_freeCCtx(c->cold); /* first: it references the CDict */
+	ZSTD_freeCDict(c->cdict);
+	c->cold = c->cdict = NULL;
+	c->cold_id = 0;
+}
 
-	if (n == 0 || n + ZC_COLD_HDR >= ZC_CODEC_PAGE)
+int zc_codec_encode_cold(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len)
+{
+	if (!c->cold)
+		return -EINVAL;
+	/* The pledged size is reset after each frame: set it again (cheap). */
+	ZSTD_CCtx_setPledgedSrcSize(c->cold, ZC_CODEC_PAGE);
+	size_t n = ZSTD_compress2(c->cold, out + ZC_COLD_HDR, ZC_CODEC_OUT_MAX - ZC_COLD_HDR, page,
+				  ZC_CODEC_PAGE);
+
+	if (ZSTD_isError(n)) {
+		ZSTD_CCtx_reset(c->cold, ZSTD_reset_session_only);
 		return -E2BIG;
-	out[0] = (uint8_t)id;
-	*len = n + ZC_COLD_HDR;
+	}
+	if (n + ZC_COLD_HDR >= ZC_CODEC_PAGE)
+		return -E2BIG;
+	out[0] = (uint8_t)c->cold_id;
+	*len = (uint32_t)n + ZC_COLD_HDR;
 	return 0;
 }
 
@@ -195,36 +289,25 @@ int zc_codec_decode_cold(struct zc_codec *c, const uint8_t *blob, uint32_t len, 
 
 /* ---- dictionaries -------------------------------------------------------------------------- */
 
-int zc_dict_make(struct zc_dict *d, const uint8_t *bytes, uint32_t len, int level)
+int zc_dict_make(struct zc_dict *d, const uint8_t *bytes, uint32_t len)
 {
 	memset(d, 0, sizeof(*d));
-	if (len == 0 || len > ZC_DICT_MAX || level < ZSTD_minCLevel() || level > ZSTD_maxCLevel())
+	if (len == 0 || len > ZC_DICT_MAX)
 		return -EINVAL;
-	ZSTD_compressionParameters cp = ZSTD_getCParams(level, ZC_CODEC_PAGE, len);
-
-	d->cdict = ZSTD_createCDict_advanced(bytes, len, ZSTD_dlm_byRef, ZSTD_dct_fullDict, cp,
-					     ZSTD_defaultCMem);
 	d->ddict = ZSTD_createDDict_advanced(bytes, len, ZSTD_dlm_byRef, ZSTD_dct_fullDict,
-					     ZSTD_defaultCMem);
-	d->level = level;
-	if (!d->cdict || !d->ddict) {
-		zc_dict_free(d);
-		return -EINVAL;
-	}
-	return 0;
+					     map_mem);
+	return d->ddict ? 0 : -EINVAL;
 }
 
 void zc_dict_free(struct zc_dict *d)
 {
-	ZSTD_freeCDict(d->cdict);
 	ZSTD_freeDDict(d->ddict);
-	d->cdict = d->ddict = NULL;
+	d->ddict = NULL;
 }
 
 uint64_t zc_dict_memory(const struct zc_dict *d)
 {
-	return (d->cdict ? ZSTD_sizeof_CDict(d->cdict) : 0) +
-	       (d->ddict ? ZSTD_sizeof_DDict(d->ddict) : 0);
+	return d->ddict ? ZSTD_sizeof_DDict(d->ddict) : 0;
 }
 
 int zc_dict_train(const uint8_t *pages, unsigned n, uint8_t *out, uint32_t cap, uint32_t *len)

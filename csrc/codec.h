@@ -23,8 +23,12 @@ struct zc_codec {
 	int level;               /* lz4 acceleration or zstd level */
 	uint32_t huge_threshold; /* compressed >= this: stored raw */
 	void *cctx, *dctx;       /* zstd contexts (NULL for lz4) */
+	void *cold, *cdict;      /* the cold encoder while open: its context and dictionary */
+	unsigned cold_id;        /* the dictionary id it writes */
 };
 
+/* Whether level is one for compressor (lz4: acceleration 1..65537; zstd: its own range). */
+int zc_codec_level_ok(int compressor, int level);
 /* 0, or -EINVAL for a bad level, -ENOMEM. */
 int zc_codec_init(struct zc_codec *c, int compressor, int level, uint32_t huge_threshold);
 void zc_codec_fini(struct zc_codec *c);
@@ -39,17 +43,16 @@ int zc_codec_encode(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint3
 /* Decode a ZC_COMPRESSED blob into page[4096]; 0, or -EIO unless it is exactly one page. */
 int zc_codec_decode(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8_t *page);
 
-/* A zstd dictionary digested for compression (at one level) and decompression.  Both halves
- * are read-only once made and may be used by any number of threads at once; they reference
- * the dictionary's bytes, which must outlive them. */
+/* A zstd dictionary digested for decompression: read-only once made, used by any number of
+ * threads at once; it references the dictionary's bytes, which must outlive it.  (The
+ * encoder's digest is made per recompression call: zc_codec_cold_open.) */
 #define ZC_MAX_DICTS 16u          /* dictionary ids 1..15 (0: none) */
 #define ZC_DICT_MAX (64u * 1024u) /* bytes of one dictionary at most */
 struct zc_dict {
-	void *cdict, *ddict;
-	int level;
+	void *ddict;
 };
 /* 0, or -EINVAL (not a dictionary zstd can use) / -ENOMEM. */
-int zc_dict_make(struct zc_dict *d, const uint8_t *bytes, uint32_t len, int level);
+int zc_dict_make(struct zc_dict *d, const uint8_t *bytes, uint32_t len);
 void zc_dict_free(struct zc_dict *d);
 /* Process memory the digested dictionary takes. */
 uint64_t zc_dict_memory(const struct zc_dict *d);
@@ -57,22 +60,28 @@ uint64_t zc_dict_memory(const struct zc_dict *d);
  * *len, or -EINVAL when zstd finds nothing worth a dictionary in them. */
 int zc_dict_train(const uint8_t *pages, unsigned n, uint8_t *out, uint32_t cap, uint32_t *len);
 
-/* The cold format (recompressed idle pages).  c must be a zstd codec.  encode_cold: 0 and the
- * blob in out[0..*len) with *len < 4096, or -E2BIG when the page does not get that small;
- * with dictionary d (id 1..15) or none (d NULL, id 0).  decode_cold: 0, or -EIO unless the
- * blob is exactly one page in the cold format; d is the dictionary its first byte names
+/* The cold format (recompressed idle pages).  A store context's cold codec is a zstd decoder
+ * (zc_codec_init_cold) that encodes only between zc_codec_cold_open and zc_codec_cold_close,
+ * one recompression call: the encoder's context and digested dictionary (~0.5 MB with a
+ * 64 KiB dictionary) live apart from the heap and go back to the kernel when it closes, so
+ * an idle store holds none of it.  cold_open: level, and dictionary id 1..15 with its bytes
+ * (which must outlive the encoder) or id 0 and NULL; 0, -EINVAL or -ENOMEM.
+ * encode_cold: 0 and the blob in out[0..*len) with *len < 4096, or -E2BIG when the page does
+ * not get that small (-EINVAL when not open).  decode_cold: 0, or -EIO unless the blob is
+ * exactly one page in the cold format; d is the dictionary its first byte names
  * (zc_cold_dict_id), NULL for 0. */
 #define ZC_COLD_HDR 1u
-int zc_codec_encode_cold(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len,
-			 unsigned id, const struct zc_dict *d);
+int zc_codec_init_cold(struct zc_codec *c);
+int zc_codec_cold_open(struct zc_codec *c, int level, unsigned id, const uint8_t *dict,
+		       uint32_t len);
+void zc_codec_cold_close(struct zc_codec *c);
+int zc_codec_encode_cold(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len);
 int zc_codec_decode_cold(struct zc_codec *c, const uint8_t *blob, uint32_t len, uint8_t *page,
 			 const struct zc_dict *d);
 static inline unsigned zc_cold_dict_id(const uint8_t *blob)
 {
 	return blob[0];
 }
-/* Change a zstd codec's level; 0 or -EINVAL. */
-int zc_codec_set_level(struct zc_codec *c, int level);
 
 uint32_t zc_checksum(const uint8_t *page);
 int zc_same_filled(const uint8_t *page, uint64_t *word);

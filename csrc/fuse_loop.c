@@ -18,6 +18,21 @@
  *   obuf  READ replies: the payload 4K-aligned at obuf + 4096, the out header just before it,
  *         so one iovec carries the reply.
  *   small every other reply (header + body, at most a few hundred bytes).
+ *  rbuf and obuf are the worker's own mappings, locked on fault like the rest of the server
+ *  (mlockall MCL_ONFAULT): a page is resident once a request or reply has touched it.  Big
+ *  requests touch all of it (2 MiB a worker), so an idle worker gives back what lies past the
+ *  first ZC_KEEP bytes (TRIM below).
+ *
+ * TRIM (a worker's own buffers, by its own thread alone: T3)
+ *  A worker whose buffers were touched past ZC_KEEP is dirty.  A dirty worker reads with
+ *  O_NONBLOCK set on its descriptor and waits in poll(2) for at most ZC_TRIM_IDLE_MS; when
+ *  that passes with no request, it drops the pages past ZC_KEEP (munlock, MADV_DONTNEED,
+ *  mlock2 MLOCK_ONFAULT when they were locked), clears O_NONBLOCK and blocks in read(2)
+ *  again.  So a busy worker pays one poll(2) per request and an idle one holds ZC_KEEP a
+ *  buffer; a clean worker's loop is the plain blocking read.  The descriptor's flags are
+ *  shared with the keeper's copy: a worker clears O_NONBLOCK when it starts, whatever a dead
+ *  server left there.  The kernel fills a buffer only inside our own read(2), so nothing but
+ *  the worker's thread ever writes it.
  *
  * THREADS AND STATE
  *  T1 struct zc_fuse's static fields (store, fd, size, name, the two attributes) are written
@@ -60,7 +75,9 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -103,6 +120,8 @@
 #define ZC_RBUF_SIZE (ZC_PAGE_SIZE + ZC_IN_SPACE)                        /* >= IN_OFF + SPACE */
 #define ZC_OBUF_SIZE (ZC_PAGE_SIZE + ZC_MAX_WRITE)
 #define ZC_SMALL 4096u
+#define ZC_KEEP ((size_t)64 << 10) /* bytes of each buffer an idle worker keeps (TRIM) */
+#define ZC_TRIM_IDLE_MS 1000       /* a dirty worker trims after this long without a request */
 #define ZC_NO_ERRNO 512 /* the kernel refuses reply errors <= -512 (ERESTARTSYS) */
 
 #define ZC_OP_LAST (ZC_FUSE_MAX_OPCODE - 1)
@@ -135,6 +154,7 @@ struct zc_wstats {
 	zc_counter lat_sum_ns[ZC_FUSE_MAX_OPCODE];
 	zc_counter lat[ZC_FUSE_MAX_OPCODE][ZC_FUSE_NBUCKETS];
 	zc_counter bytes_read, bytes_written, bytes_discarded, internal_errors;
+	zc_counter buffer_trims;
 };
 
 struct zc_fuse_worker {
@@ -145,6 +165,8 @@ struct zc_fuse_worker {
 	int gone;   /* the connection went away (T3) */
 	struct zc_ctx *ctx;
 	uint8_t *rbuf, *req, *obuf;
+	size_t rtouched, otouched; /* bytes of rbuf / obuf touched since the last trim (T3) */
+	int nonblock;              /* O_NONBLOCK is set on fd (TRIM) */
 	pthread_t thread;
 	int started, done, joined; /* T2 */
 	struct zc_wstats st;
@@ -676,6 +698,9 @@ int zc_fuse_handle(struct zc_fuse_worker *w, uint8_t *buf, size_t n, zc_fuse_wri
 		if (!err) {
 			uint8_t *hdr = w->obuf + ZC_PAGE_SIZE - ZC_OUT_HDR;
 
+			if (ZC_PAGE_SIZE + (size_t)len > w->otouched)
+				w->otouched = ZC_PAGE_SIZE + (size_t)len;
+
 			set_out_header(hdr, (uint32_t)ZC_OUT_HDR + len, 0, r.h.unique);
 			iov.iov_base = hdr;
 			iov.iov_len = ZC_OUT_HDR + len;
@@ -716,9 +741,74 @@ static int write_fd(void *arg, const struct iovec *iov, int iovcnt)
 	return writev(w->fd, iov, iovcnt) < 0 ? -errno : 0;
 }
 
+/* Set or clear O_NONBLOCK on the worker's descriptor; 0 or -1 (then it is left as it was). */
+static int set_nonblock(struct zc_fuse_worker *w, int on)
+{
+	int fl = fcntl(w->fd, F_GETFL);
+
+	if (fl < 0 || fcntl(w->fd, F_SETFL, on ? fl | O_NONBLOCK : fl & ~O_NONBLOCK) < 0)
+		return -1;
+	w->nonblock = on;
+	return 0;
+}
+
+static int buffers_dirty(const struct zc_fuse_worker *w)
+{
+	return w->rtouched > ZC_KEEP || w->otouched > ZC_KEEP;
+}
+
+/* Give back the pages of [p + ZC_KEEP, p + len): they read as zeros and lock again on fault. */
+static int drop_tail(uint8_t *p, size_t len)
+{
+	uint8_t *tail = p + ZC_KEEP;
+	size_t n = len - ZC_KEEP;
+
+	if (madvise(tail, n, MADV_DONTNEED) == 0)
+		return 0;
+	if (errno != EINVAL) /* EINVAL: the pages are locked (mlockall) */
+		return -1;
+	if (munlock(tail, n) || madvise(tail, n, MADV_DONTNEED))
+		return -1;
+	return mlock2(tail, n, MLOCK_ONFAULT) ? -1 : 0;
+}
+
+static void trim_buffers(struct zc_fuse_worker *w)
+{
+	int rc = 0;
+
+	if (w->rtouched > ZC_KEEP)
+		rc |= drop_tail(w->rbuf, ZC_RBUF_SIZE);
+	if (w->otouched > ZC_KEEP)
+		rc |= drop_tail(w->obuf, ZC_OBUF_SIZE);
+	w->rtouched = w->otouched = 0;
+	count(rc ? &w->st.internal_errors : &w->st.buffer_trims, 1);
+}
+
+/* A dirty worker's wait for its next request (TRIM): 1 when it trimmed instead. */
+static int wait_or_trim(struct zc_fuse_worker *w)
+{
+	struct pollfd p = { .fd = w->fd, .events = POLLIN };
+
+	if (!w->nonblock && set_nonblock(w, 1)) {
+		count(&w->st.internal_errors, 1); /* blocking reads, buffers kept */
+		w->rtouched = w->otouched = 0;
+		return 0;
+	}
+	if (poll(&p, 1, ZC_TRIM_IDLE_MS) != 0)
+		return 0; /* a request (or an error read(2) will report) */
+	trim_buffers(w);
+	if (set_nonblock(w, 0))
+		count(&w->st.internal_errors, 1);
+	return 1;
+}
+
 static void serve(struct zc_fuse_worker *w)
 {
+	if (set_nonblock(w, 0)) /* whatever a dead server left on the shared description */
+		count(&w->st.internal_errors, 1);
 	while (!w->gone) {
+		if (buffers_dirty(w) && wait_or_trim(w))
+			continue;
 		ssize_t n = read(w->fd, w->req, ZC_IN_SPACE);
 
 		if (n < 0) {
@@ -730,6 +820,8 @@ static void serve(struct zc_fuse_worker *w)
 				count(&w->st.internal_errors, 1);
 			return;
 		}
+		if (ZC_IN_OFF + (size_t)n > w->rtouched)
+			w->rtouched = ZC_IN_OFF + (size_t)n;
 		zc_fuse_handle(w, w->req, (size_t)n, write_fd, w);
 	}
 }
@@ -757,14 +849,28 @@ static void *worker_main(void *arg)
 	return NULL;
 }
 
+/* A request buffer: its own mapping, so that TRIM can give pages of it back. */
+static uint8_t *map_buffer(size_t len)
+{
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	return p == MAP_FAILED ? NULL : p;
+}
+
+static void unmap_buffer(uint8_t *p, size_t len)
+{
+	if (p)
+		munmap(p, len);
+}
+
 static void worker_destroy(struct zc_fuse_worker *w)
 {
 	if (w->own_fd && w->fd >= 0)
 		close(w->fd);
 	if (w->ctx)
 		zc_ctx_free(w->ctx);
-	free(w->rbuf);
-	free(w->obuf);
+	unmap_buffer(w->rbuf, ZC_RBUF_SIZE);
+	unmap_buffer(w->obuf, ZC_OBUF_SIZE);
 	free(w);
 }
 
@@ -780,13 +886,11 @@ static struct zc_fuse_worker *worker_alloc(struct zc_fuse *f, int index)
 	w->f = f;
 	w->index = index;
 	w->fd = -1;
-	if (posix_memalign(&p, ZC_PAGE_SIZE, ZC_RBUF_SIZE))
+	w->rbuf = map_buffer(ZC_RBUF_SIZE);
+	w->obuf = map_buffer(ZC_OBUF_SIZE);
+	if (!w->rbuf || !w->obuf)
 		goto fail;
-	w->rbuf = p;
 	w->req = w->rbuf + ZC_IN_OFF;
-	if (posix_memalign(&p, ZC_PAGE_SIZE, ZC_OBUF_SIZE))
-		goto fail;
-	w->obuf = p;
 	w->ctx = zc_ctx_new(f->s, 1 + index % f->heaps);
 	if (!w->ctx)
 		goto fail;
@@ -1101,6 +1205,19 @@ void zc_fuse_free(struct zc_fuse *f)
 	free(f);
 }
 
+/* Bytes of [p, p + len) resident now (mincore: a read of the mapping, safe from any thread). */
+static uint64_t resident_bytes(const uint8_t *p, size_t len)
+{
+	unsigned char vec[ZC_RBUF_SIZE / ZC_PAGE_SIZE];
+	uint64_t n = 0;
+
+	if (!p || len > ZC_RBUF_SIZE || mincore((void *)p, len, vec))
+		return 0;
+	for (size_t i = 0; i < len / ZC_PAGE_SIZE; i++)
+		n += vec[i] & 1u;
+	return n * ZC_PAGE_SIZE;
+}
+
 static void add_worker_stats(struct zc_fuse_worker *w, struct zc_fuse_stats *out)
 {
 	struct zc_wstats *st = &w->st;
@@ -1116,6 +1233,9 @@ static void add_worker_stats(struct zc_fuse_worker *w, struct zc_fuse_stats *out
 	out->bytes_written += peek(&st->bytes_written);
 	out->bytes_discarded += peek(&st->bytes_discarded);
 	out->internal_errors += peek(&st->internal_errors);
+	out->buffer_trims += peek(&st->buffer_trims);
+	out->buffer_resident += resident_bytes(w->rbuf, ZC_RBUF_SIZE) +
+				resident_bytes(w->obuf, ZC_OBUF_SIZE);
 }
 
 void zc_fuse_stats(struct zc_fuse *f, struct zc_fuse_stats *out)

@@ -26,6 +26,8 @@ struct zc_fuse_stats {
 	uint64_t lat[ZC_FUSE_MAX_OPCODE][ZC_FUSE_NBUCKETS];
 	uint64_t bytes_read, bytes_written, bytes_discarded;
 	uint64_t internal_errors; /* failures inside the loop itself (bad requests, reply errors) */
+	uint64_t buffer_trims;    /* idle workers giving back their request buffers' pages */
+	uint64_t buffer_resident; /* bytes of the workers' request buffers resident now */
 	int initialized;          /* FUSE_INIT answered (by this server or an earlier one) */
 	uint32_t kernel_minor;
 	int io_flusher_failed;    /* prctl(PR_SET_IO_FLUSHER) failed in some worker */

@@ -892,6 +892,9 @@ static PyObject *Fuse_stats(FuseObject *fo, PyObject *Py_UNUSED(ignored))
 			       PyLong_FromUnsignedLongLong(st->bytes_discarded)) ||
 		      set_item(d, "internal_errors",
 			       PyLong_FromUnsignedLongLong(st->internal_errors)) ||
+		      set_item(d, "buffer_trims", PyLong_FromUnsignedLongLong(st->buffer_trims)) ||
+		      set_item(d, "buffer_resident",
+			       PyLong_FromUnsignedLongLong(st->buffer_resident)) ||
 		      set_item(d, "initialized", PyBool_FromLong(st->initialized)) ||
 		      set_item(d, "kernel_minor", PyLong_FromUnsignedLong(st->kernel_minor)) ||
 		      set_item(d, "io_flusher_failed", PyBool_FromLong(st->io_flusher_failed)) ||

@@ -792,7 +792,7 @@ static int replace_if_unchanged(struct zc_ctx *c, uint64_t p, uint64_t e, uint64
 }
 
 /* Recompress page p, which held entry e: 0 (done), or why not (counted in *r). */
-static void recompress_page(struct zc_ctx *c, uint64_t p, uint64_t e, unsigned id,
+static void recompress_page(struct zc_ctx *c, uint64_t p, uint64_t e,
 			    struct zc_recompress_report *r)
 {
 	struct zc_store *s = c->s;
@@ -818,8 +818,7 @@ static void recompress_page(struct zc_ctx *c, uint64_t p, uint64_t e, unsigned i
 	}
 	uint32_t old_len = c->obj_len[0];
 
-	if (zc_codec_encode_cold(&c->cold, c->page, c->enc, &len, id, dict_of(s, id)) ||
-	    len >= old_len) {
+	if (zc_codec_encode_cold(&c->cold, c->page, c->enc, &len) || len >= old_len) {
 		mark_tried(s, p, a);
 		r->kept++;
 		return;
@@ -847,6 +846,15 @@ static void recompress_page(struct zc_ctx *c, uint64_t p, uint64_t e, unsigned i
 	r->bytes_after += len;
 }
 
+/* The cold encoder for one zc_store_recompress call, with dictionary id (held) or none. */
+static int open_encoder(struct zc_ctx *c, int level, unsigned id)
+{
+	struct zc_store *s = c->s;
+
+	return zc_codec_cold_open(&c->cold, level, id, id ? dict_slot(s, id) : NULL,
+				  id ? RLOAD(s->hdr->dict_len[id]) : 0);
+}
+
 uint64_t zc_store_recompress(struct zc_ctx *c, uint64_t start, uint64_t max_scan,
 			     unsigned idle_ticks, int level, struct zc_recompress_report *r)
 {
@@ -854,7 +862,7 @@ uint64_t zc_store_recompress(struct zc_ctx *c, uint64_t start, uint64_t max_scan
 	uint64_t end = start + max_scan < s->npages && max_scan ? start + max_scan : s->npages;
 
 	memset(r, 0, sizeof(*r));
-	if (idle_ticks < 1 || idle_ticks > AGE_MAX_IDLE || zc_codec_set_level(&c->cold, level))
+	if (idle_ticks < 1 || idle_ticks > AGE_MAX_IDLE || !zc_codec_level_ok(ZC_ZSTD, level))
 		return UINT64_MAX;
 	pthread_mutex_lock(&s->dict_lock);
 	unsigned id = dict_of(s, RLOAD(s->hdr->dict_current)) ? RLOAD(s->hdr->dict_current) : 0;
@@ -869,8 +877,13 @@ uint64_t zc_store_recompress(struct zc_ctx *c, uint64_t start, uint64_t max_scan
 		if (!recompress_candidate(s, p, e, idle_ticks))
 			continue;
 		r->candidates++;
-		recompress_page(c, p, e, id, r);
+		if (!c->cold.cold && open_encoder(c, level, id)) {
+			r->failed++; /* ENOMEM: the pages stay candidates for the next pass */
+			break;
+		}
+		recompress_page(c, p, e, r);
 	}
+	zc_codec_cold_close(&c->cold); /* an idle store holds no encoder */
 	if (id)
 		dict_release(s, id);
 	r->dict = id;
@@ -914,7 +927,7 @@ static int dict_publish(struct zc_store *s, unsigned id, const uint8_t *bytes, u
 	uint8_t *slot = dict_slot(s, id);
 
 	memcpy(slot, bytes, len);
-	int rc = zc_dict_make(&s->dicts[id], slot, len, level);
+	int rc = zc_dict_make(&s->dicts[id], slot, len);
 
 	if (rc)
 		return rc;
@@ -1141,7 +1154,7 @@ struct zc_ctx *zc_ctx_new(struct zc_store *s, int heap)
 	c->scratch = malloc((size_t)ZC_MAX_SPAN * ZC_PAGE_SIZE);
 	if (!c->scratch ||
 	    zc_codec_init(&c->codec, s->cfg.compressor, s->cfg.level, s->cfg.huge_threshold) ||
-	    zc_codec_init(&c->cold, ZC_ZSTD, ZC_COLD_LEVEL, ZC_PAGE_SIZE)) {
+	    zc_codec_init_cold(&c->cold)) {
 		zc_codec_fini(&c->codec);
 		free(c->scratch);
 		free(c);
@@ -1404,7 +1417,7 @@ static void recover_dicts(struct zc_store *s)
 		if (len > ZC_DICT_MAX)
 			s->hdr->dict_len[id] = len = 0;
 		if (len)
-			zc_dict_make(&s->dicts[id], dict_slot(s, id), len, s->hdr->dict_level[id]);
+			zc_dict_make(&s->dicts[id], dict_slot(s, id), len);
 	}
 	if (s->hdr->dict_current >= ZC_MAX_DICTS || !s->hdr->dict_len[s->hdr->dict_current])
 		s->hdr->dict_current = 0;

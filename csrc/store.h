@@ -30,7 +30,6 @@ enum zc_compressor { ZC_LZ4 = 0, ZC_ZSTD = 1 };
 /* Device pages at most (1 TiB): handles have 29 bits. */
 #define ZC_MAX_DEVICE_PAGES ((1ull << 28) - 1u)
 #define ZC_ARENA_VERSION 3u /* the arena's format: another one is refused by attach */
-#define ZC_COLD_LEVEL 3 /* the zstd level of a context's cold codec until recompress sets one */
 
 struct zc_store_config {
 	uint64_t size;           /* device bytes, a positive multiple of 4096 */

@@ -45,6 +45,7 @@ def wait_for(cond: object, timeout: float = 60.0) -> bool:
         {"step_moves": 0},
         {"idle_checks": -1},
         {"idle_min_bytes": 4095},
+        {"idle_reclaim_bytes": 4095},
     ],
 )
 def test_bad_policy_is_refused(kwargs: dict[str, float]) -> None:

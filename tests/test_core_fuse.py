@@ -13,6 +13,7 @@ import fcntl
 import os
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -111,6 +112,39 @@ def test_loop_roundtrip_with_1mib_requests(
     s = store.stats()
     assert s.pages_stored == len(data) // 4096 and s.same_pages >= 4 * 256
     assert s.huge_pages >= 4 * 256 and s.failed_reads == s.failed_writes == 0
+
+
+KEPT = 2 * 2 * 64 * 1024  # two workers, two buffers each, 64 KiB of each kept when idle
+
+
+def _trimmed(server: CoreFuseServer, timeout: float = 10.0) -> dict[str, object]:
+    """The loop's stats once its workers' buffers are back to what idle workers keep."""
+    end = time.monotonic() + timeout
+    while True:
+        st = server.stats()
+        resident = int(st["buffer_resident_bytes"])  # type: ignore[call-overload]
+        if resident <= KEPT or time.monotonic() > end:
+            return st
+        time.sleep(0.05)
+
+
+def test_idle_workers_give_back_their_request_buffers(
+    server: CoreFuseServer, store: CoreStore
+) -> None:
+    """1 MiB requests make a worker's buffers resident; a second idle gives all but 64 KiB
+    of each back, and the next requests (which fault the pages in again) are served intact."""
+    data = os.urandom(MiB)
+    for rnd in range(1, 3):
+        _dio_write(server.image_path, rnd * MiB, data)  # rbuf of one worker: 1 MiB
+        assert _dio_read(server.image_path, rnd * MiB, MiB) == data  # obuf: 1 MiB
+        busy = server.stats()
+        assert int(busy["buffer_resident_bytes"]) >= 2 * MiB  # type: ignore[call-overload]
+        st = _trimmed(server)
+        assert int(st["buffer_resident_bytes"]) <= KEPT  # type: ignore[call-overload]
+        assert int(st["buffer_trims"]) > int(busy["buffer_trims"])  # type: ignore[call-overload]
+        assert st["internal_errors"] == 0
+    assert _dio_read(server.image_path, MiB, 2 * MiB) == data * 2
+    assert store.stats().failed_reads == 0
 
 
 @pytest.mark.parametrize("length", [1, 4095, 4096, 65536, 65537 // 512 * 512, MiB])

@@ -128,6 +128,7 @@ def test_no_swap_lifecycle(daemon_factory: Callable[..., Daemon], tmp_path: Path
         check_write_read_discard(d, dev)
         fio_verify(dev, tmp_path, "bs4k", ["--bs=4k"], "8M")
         fio_verify(dev, tmp_path, "mix", ["--bssplit=4k/50:64k/25:1m/25"], "32M")
+    check_idle_buffers(d)
 
     p = run_cli("compact", "--mountpoint", str(d.mountpoint))
     assert p.returncode == 0, p.stderr
@@ -139,6 +140,21 @@ def test_no_swap_lifecycle(daemon_factory: Callable[..., Daemon], tmp_path: Path
     assert "Traceback" not in d.log()
     assert traces(str(d.root)) == NOTHING
     assert not os.path.exists(lock_path(str(d.mountpoint)))  # the instance lock is gone too
+
+
+def check_idle_buffers(d: Daemon) -> None:
+    """After 1 MiB requests, idle FUSE workers give their buffers back to 64 KiB each (under
+    the server's mlockall: munlock, MADV_DONTNEED, mlock2 again) without an error."""
+    kept = 2 * 64 * 1024 * (os.cpu_count() or 1)  # io_threads "auto": one worker per CPU
+    deadline = time.monotonic() + 30
+    m = d.metrics()
+    while m["zcached_fuse_buffer_resident_bytes"] > kept:
+        assert time.monotonic() < deadline, m["zcached_fuse_buffer_resident_bytes"]
+        time.sleep(0.1)
+        m = d.metrics()
+    assert m["zcached_fuse_buffer_trims_total"] >= 1
+    assert m["zcached_fuse_internal_errors_total"] == 0
+    assert vm_locked_kib(int(d.status()["server_pid"])) > 0  # still locked after the trims
 
 
 def check_counters(d: Daemon) -> None:

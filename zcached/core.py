@@ -250,6 +250,8 @@ def _loop_stats(loop: _core.Fuse) -> dict[str, object]:
         "bytes_written": st["bytes_written"],
         "bytes_discarded": st["bytes_discarded"],
         "internal_errors": st["internal_errors"],
+        "buffer_trims": st["buffer_trims"],
+        "buffer_resident_bytes": st["buffer_resident"],
         "resent_requests": st["resent_requests"],
         "latency_bounds_ns": list(LATENCY_BOUNDS_NS),
         "latency_buckets": {name(op): list(st["lat"][op]) for op in used},

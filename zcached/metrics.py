@@ -127,11 +127,29 @@ class ZcachedCollector(Collector):
             yield pool
             yield req
 
-        resent = 0
+        resent = trims = resident = internal = 0
         if self.fuse is not None:
             fs = self.fuse.stats()
             resent = int(fs.get("resent_requests", 0))
+            internal = int(fs.get("internal_errors", 0))
+            trims = int(fs.get("buffer_trims", 0))
+            resident = int(fs.get("buffer_resident_bytes", 0))
             yield from self._latency(fs)
+        yield c(
+            "zcached_fuse_internal_errors",
+            "Failures inside the FUSE loop itself (malformed requests, reply or trim errors).",
+            value=internal,
+        )
+        yield g(
+            "zcached_fuse_buffer_resident_bytes",
+            "Resident bytes of the FUSE workers' request buffers (64 KiB each once idle).",
+            value=resident,
+        )
+        yield c(
+            "zcached_fuse_buffer_trims",
+            "Idle FUSE workers giving back the pages of their request buffers past 64 KiB.",
+            value=trims,
+        )
         yield c(
             "zcached_fuse_resent_requests",
             "Requests a dead server had taken, sent again by the kernel to its successor.",

@@ -118,8 +118,10 @@ class Recompressor:
         policy: RecompressPolicy,
         *,
         thread_init: Callable[[], None] | None = None,
+        compact: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
+        self._compact = compact
         self.policy = policy
         self.runs = 0
         self.seconds = 0.0
@@ -210,6 +212,8 @@ class Recompressor:
         self.seconds += time.monotonic() - t0
         self.cpu_seconds += time.thread_time() - c0
         self._watch_drift(done)
+        if done["recompressed"] and self._compact is not None:
+            self._compact()  # its frees left a partial vpage in most classes: pack them
 
     def _watch_drift(self, done: dict[str, int]) -> None:
         """Baseline the current dictionary's ratio; sample again when it has drifted."""

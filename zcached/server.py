@@ -33,6 +33,8 @@ from zcached import _core
 from zcached.process import Signals, lock_memory, protect_from_oom, set_io_flusher
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from zcached import config as cfgmod
     from zcached.compactor import Compactor
     from zcached.core import CoreFuseLoop, CoreStore
@@ -136,7 +138,7 @@ def serve(args: argparse.Namespace) -> int:
         _wait(signals, loop)
         return 2
     compactor = _start_compactor(cfg, store, signals)
-    recompressor = _start_recompressor(cfg, store)
+    recompressor = _start_recompressor(cfg, store, compactor.trigger)
     info: dict[str, object] = {
         "algorithm": store.compressor,
         "mountpoint": args.mountpoint,  # never stat the mount here: its attributes are cached
@@ -179,7 +181,9 @@ def _start_compactor(cfg: cfgmod.Config, store: CoreStore, signals: Signals) -> 
     return compactor
 
 
-def _start_recompressor(cfg: cfgmod.Config, store: CoreStore) -> Recompressor | None:
+def _start_recompressor(
+    cfg: cfgmod.Config, store: CoreStore, compact: Callable[[], None]
+) -> Recompressor | None:
     from zcached.recompressor import Recompressor, RecompressPolicy
 
     rc = cfg.recompress
@@ -188,7 +192,7 @@ def _start_recompressor(cfg: cfgmod.Config, store: CoreStore) -> Recompressor | 
     policy = RecompressPolicy(
         idle=rc.idle, level=rc.level, cpu_budget=rc.cpu_budget, dictionary=rc.dictionary
     )
-    recompressor = Recompressor(store, policy, thread_init=_flusher)
+    recompressor = Recompressor(store, policy, thread_init=_flusher, compact=compact)
     recompressor.start()
     return recompressor
 
