@@ -155,6 +155,37 @@ def recompress_rows(doc: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+def latency_rows(doc: dict[str, Any]) -> list[str]:
+    """4K reads one at a time (bench/latency_bench.py): zcached's loop device and FUSE file,
+    with adaptive polling off (the default) and on, and disk swap's loop file, each next to
+    zram's from the same run."""
+    lt = Source(doc, "latency")
+    if not lt.ok:
+        return []
+    zram = f"{_us(lt.value('zram_lz4.mean_us'))} (p99 {_us(lt.value('zram_lz4.p99_us'))})"
+    rows = []
+    for key, label in (
+        ("zcached_spin0.loop", "4K random read QD1 through the loop device, mean (p99)"),
+        ("zcached_spin0.file", "same, of the FUSE file itself (no loop device)"),
+        ("zcached_spin50.loop", "4K read QD1, loop device, io_spin_us = 50 (not the default)"),
+        ("zcached_spin50.file", "same, of the FUSE file, io_spin_us = 50"),
+    ):  # fmt: skip
+        mean = lt.value(f"{key}.mean_us")
+        ours = f"{_us(mean)} (p99 {_us(lt.value(f'{key}.p99_us'))})"
+        zmean = lt.value("zram_lz4.mean_us")
+        ratio = f"**{mean / zmean:.2f}x**" if mean and zmean else MISSING
+        goal = "<= 25 us mean" if key.endswith("loop") else "reported"
+        rows.append(_row(label, ours, zram, ratio, goal))
+    dmean = lt.value("disk_loop.mean_us")
+    zmean = lt.value("zram_lz4.mean_us")
+    rows.append(_row(
+        "4K read QD1 of disk swap's file through a loop device (the zcached column)",
+        f"{_us(dmean)} (p99 {_us(lt.value('disk_loop.p99_us'))})", zram,
+        f"**{dmean / zmean:.2f}x**" if dmean and zmean else MISSING, "reported",
+    ))  # fmt: skip
+    return rows
+
+
 def io_rows(doc: dict[str, Any]) -> list[str]:
     io = Source(doc, "io")
     rows = []
@@ -177,6 +208,7 @@ TABLE_MODULES = (
     "compact",
     "core",
     "io",
+    "latency",
     "recompress",
     "recovery",
     *SWAP_MODULES,
@@ -321,7 +353,8 @@ def render(doc: dict[str, Any]) -> str:
         "| | zcached | zram (lz4) | zcached / zram | goal |",
         "|---|---:|---:|---:|---|",
     ]
-    lines += memory_rows(doc) + io_rows(doc) + swap_rows(doc) + daemon_rows(doc)
+    lines += memory_rows(doc) + io_rows(doc) + latency_rows(doc) + swap_rows(doc)
+    lines += daemon_rows(doc)
     sw = Source(doc, "swap")
     if not sw.ok and isinstance(sw.result.get("skipped"), str):
         lines += ["", f"Swap workload: {sw.result['skipped']}."]

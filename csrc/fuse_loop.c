@@ -34,6 +34,14 @@
  *  server left there.  The kernel fills a buffer only inside our own read(2), so nothing but
  *  the worker's thread ever writes it.
  *
+ * SPIN (adaptive polling, zc_fuse_set_spin; off by default)
+ *  After answering a request, a worker may spin for the next one for at most spin_ns:
+ *  non-blocking read(2)s of its descriptor until one returns a request or the time is up, so
+ *  a request that comes soon is taken without waking anybody.  At most one worker spins at a
+ *  time (f->spinning, a CAS token): the others block as usual, and an idle loop uses no CPU
+ *  once the last spin has run out.  A spin that ends without a request is not tried again
+ *  until the worker has taken a request the usual way.
+ *
  * THREADS AND STATE
  *  T1 struct zc_fuse's static fields (store, fd, size, name, the two attributes) are written
  *     by zc_fuse_new only; workers only read them.
@@ -155,6 +163,7 @@ struct zc_wstats {
 	zc_counter lat[ZC_FUSE_MAX_OPCODE][ZC_FUSE_NBUCKETS];
 	zc_counter bytes_read, bytes_written, bytes_discarded, internal_errors;
 	zc_counter buffer_trims;
+	zc_counter spin_ns, spin_hits; /* time spent spinning, requests a spin caught */
 };
 
 struct zc_fuse_worker {
@@ -166,7 +175,8 @@ struct zc_fuse_worker {
 	struct zc_ctx *ctx;
 	uint8_t *rbuf, *req, *obuf;
 	size_t rtouched, otouched; /* bytes of rbuf / obuf touched since the last trim (T3) */
-	int nonblock;              /* O_NONBLOCK is set on fd (TRIM) */
+	int nonblock;              /* O_NONBLOCK is set on fd (TRIM, SPIN) */
+	int may_spin;              /* a request was answered since the last spin (SPIN) */
 	pthread_t thread;
 	int started, done, joined; /* T2 */
 	struct zc_wstats st;
@@ -188,6 +198,8 @@ struct zc_fuse {
 	int *given;                      /* zc_fuse_set_fds: nthreads descriptors, not owned */
 	int resumed, resend_error;       /* set by zc_fuse_new / zc_fuse_start only */
 	_Atomic int initialized, io_flusher_failed;
+	_Atomic uint64_t spin_ns; /* SPIN: zc_fuse_set_spin, read by workers (relaxed) */
+	_Atomic int spinning; /* SPIN: 1 while some worker spins */
 	_Atomic uint32_t kernel_minor;
 };
 
@@ -802,27 +814,73 @@ static int wait_or_trim(struct zc_fuse_worker *w)
 	return 1;
 }
 
+/* SPIN: the next request if one comes within spin_ns (n > 0), else 0; or -errno of read(2). */
+static ssize_t spin_read(struct zc_fuse_worker *w)
+{
+	struct zc_fuse *f = w->f;
+	int idle = 0;
+	ssize_t n = 0;
+
+	w->may_spin = 0;
+	if (!atomic_compare_exchange_strong(&f->spinning, &idle, 1))
+		return 0;
+	if (w->nonblock || !set_nonblock(w, 1)) {
+		uint64_t t0 = now_ns(), t = t0;
+
+		do {
+			n = read(w->fd, w->req, ZC_IN_SPACE);
+			if (n < 0)
+				n = errno == EAGAIN || errno == EINTR || errno == ENOENT ? 0 : -errno;
+			if (n)
+				break;
+			t = now_ns();
+		} while (t - t0 < atomic_load_explicit(&f->spin_ns, memory_order_relaxed));
+		count(&w->st.spin_ns, t - t0);
+		if (n > 0)
+			count(&w->st.spin_hits, 1);
+		if (!buffers_dirty(w) && set_nonblock(w, 0)) /* a dirty worker reads non-blocking */
+			count(&w->st.internal_errors, 1);
+	}
+	atomic_store(&f->spinning, 0);
+	return n;
+}
+
+/* The next request: n > 0 bytes in w->req, 0 to look again, or -errno of read(2). */
+static ssize_t next_request(struct zc_fuse_worker *w)
+{
+	if (w->may_spin && atomic_load_explicit(&w->f->spin_ns, memory_order_relaxed)) {
+		ssize_t n = spin_read(w);
+
+		if (n)
+			return n;
+	}
+	if (buffers_dirty(w) && wait_or_trim(w))
+		return 0;
+	ssize_t n = read(w->fd, w->req, ZC_IN_SPACE);
+
+	if (n >= 0)
+		return n;
+	return errno == ENOENT || errno == EINTR || errno == EAGAIN ? 0 : -errno;
+}
+
 static void serve(struct zc_fuse_worker *w)
 {
 	if (set_nonblock(w, 0)) /* whatever a dead server left on the shared description */
 		count(&w->st.internal_errors, 1);
 	while (!w->gone) {
-		if (buffers_dirty(w) && wait_or_trim(w))
+		ssize_t n = next_request(w);
+
+		if (n == 0)
 			continue;
-		ssize_t n = read(w->fd, w->req, ZC_IN_SPACE);
-
 		if (n < 0) {
-			int e = errno;
-
-			if (e == ENOENT || e == EINTR || e == EAGAIN)
-				continue;
-			if (e != ENODEV && e != EPERM) /* ENODEV/EPERM: the connection is gone */
+			if (n != -ENODEV && n != -EPERM) /* ENODEV/EPERM: the connection is gone */
 				count(&w->st.internal_errors, 1);
 			return;
 		}
 		if (ZC_IN_OFF + (size_t)n > w->rtouched)
 			w->rtouched = ZC_IN_OFF + (size_t)n;
 		zc_fuse_handle(w, w->req, (size_t)n, write_fd, w);
+		w->may_spin = 1;
 	}
 }
 
@@ -985,6 +1043,14 @@ static int send_resend(int fd)
 	struct fuse_out_header o = { .len = ZC_OUT_HDR, .error = ZC_NOTIFY_RESEND, .unique = 0 };
 
 	return write(fd, &o, sizeof(o)) == (ssize_t)sizeof(o) ? 0 : errno;
+}
+
+int zc_fuse_set_spin(struct zc_fuse *f, uint64_t spin_ns)
+{
+	if (!f || spin_ns > ZC_FUSE_MAX_SPIN_NS)
+		return -EINVAL;
+	atomic_store_explicit(&f->spin_ns, spin_ns, memory_order_relaxed);
+	return 0;
 }
 
 int zc_fuse_set_fds(struct zc_fuse *f, const int *fds, int n)
@@ -1234,6 +1300,8 @@ static void add_worker_stats(struct zc_fuse_worker *w, struct zc_fuse_stats *out
 	out->bytes_discarded += peek(&st->bytes_discarded);
 	out->internal_errors += peek(&st->internal_errors);
 	out->buffer_trims += peek(&st->buffer_trims);
+	out->spin_ns += peek(&st->spin_ns);
+	out->spin_hits += peek(&st->spin_hits);
 	out->buffer_resident += resident_bytes(w->rbuf, ZC_RBUF_SIZE) +
 				resident_bytes(w->obuf, ZC_OBUF_SIZE);
 }

@@ -28,6 +28,8 @@ struct zc_fuse_stats {
 	uint64_t internal_errors; /* failures inside the loop itself (bad requests, reply errors) */
 	uint64_t buffer_trims;    /* idle workers giving back their request buffers' pages */
 	uint64_t buffer_resident; /* bytes of the workers' request buffers resident now */
+	uint64_t spin_ns;         /* SPIN: time workers spent spinning for a request */
+	uint64_t spin_hits;       /* SPIN: requests taken while spinning */
 	int initialized;          /* FUSE_INIT answered (by this server or an earlier one) */
 	uint32_t kernel_minor;
 	int io_flusher_failed;    /* prctl(PR_SET_IO_FLUSHER) failed in some worker */
@@ -51,6 +53,10 @@ int zc_fuse_set_fds(struct zc_fuse *f, const int *fds, int n);
 /* Start the workers (worker i uses Hoard heap 1 + i % heaps, heaps = nthreads: the store must
  * have been opened with heaps >= nthreads).  0 (also when already started) or -errno. */
 int zc_fuse_start(struct zc_fuse *f);
+/* Adaptive polling (fuse_loop.c, SPIN): after a request a worker spins up to spin_ns for the
+ * next one (0 = never, the default).  Any time, from any thread.  0 or -EINVAL. */
+#define ZC_FUSE_MAX_SPIN_NS 1000000ull
+int zc_fuse_set_spin(struct zc_fuse *f, uint64_t spin_ns);
 /* Wait up to timeout_ms (< 0: no limit) for every worker to end (they end when the connection
  * goes away).  Returns the number of workers still running. */
 int zc_fuse_join(struct zc_fuse *f, int timeout_ms);

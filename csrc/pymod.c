@@ -776,6 +776,19 @@ static int Fuse_init(FuseObject *fo, PyObject *args, PyObject *kw)
 	return 0;
 }
 
+static PyObject *Fuse_set_spin(FuseObject *fo, PyObject *args)
+{
+	unsigned int us;
+
+	if (!PyArg_ParseTuple(args, "I", &us))
+		return NULL;
+	if (!fo->f || zc_fuse_set_spin(fo->f, (uint64_t)us * 1000u)) {
+		PyErr_SetString(PyExc_ValueError, "spin: 0..1000 us, on an initialised Fuse");
+		return NULL;
+	}
+	Py_RETURN_NONE;
+}
+
 static PyObject *Fuse_start(FuseObject *fo, PyObject *Py_UNUSED(ignored))
 {
 	int rc;
@@ -895,6 +908,8 @@ static PyObject *Fuse_stats(FuseObject *fo, PyObject *Py_UNUSED(ignored))
 		      set_item(d, "buffer_trims", PyLong_FromUnsignedLongLong(st->buffer_trims)) ||
 		      set_item(d, "buffer_resident",
 			       PyLong_FromUnsignedLongLong(st->buffer_resident)) ||
+		      set_item(d, "spin_ns", PyLong_FromUnsignedLongLong(st->spin_ns)) ||
+		      set_item(d, "spin_hits", PyLong_FromUnsignedLongLong(st->spin_hits)) ||
 		      set_item(d, "initialized", PyBool_FromLong(st->initialized)) ||
 		      set_item(d, "kernel_minor", PyLong_FromUnsignedLong(st->kernel_minor)) ||
 		      set_item(d, "io_flusher_failed", PyBool_FromLong(st->io_flusher_failed)) ||
@@ -913,6 +928,8 @@ static PyObject *Fuse_stats(FuseObject *fo, PyObject *Py_UNUSED(ignored))
 
 static PyMethodDef Fuse_methods[] = {
 	{"start", (PyCFunction)Fuse_start, METH_NOARGS, "start the worker threads"},
+	{"set_spin", (PyCFunction)Fuse_set_spin, METH_VARARGS,
+	 "set_spin(us): how long a worker spins for the next request (0 = never)"},
 	{"join", (PyCFunction)Fuse_join, METH_VARARGS, "join(timeout_ms) -> workers still running"},
 	{"stats", (PyCFunction)Fuse_stats, METH_NOARGS, "per-opcode counters and latencies"},
 	{"close", (PyCFunction)Fuse_close, METH_NOARGS, "free (after join() returned 0)"},

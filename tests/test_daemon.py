@@ -142,6 +142,35 @@ def test_no_swap_lifecycle(daemon_factory: Callable[..., Daemon], tmp_path: Path
     assert not os.path.exists(lock_path(str(d.mountpoint)))  # the instance lock is gone too
 
 
+def test_io_spin_us_from_the_config_reaches_the_workers(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """io_spin_us = 500: reads one at a time are taken by a spinning worker (the metrics say
+    so), every page reads back; once quiet, the spin time stops growing."""
+    conf = tmp_path / "spin.toml"
+    conf.write_text("io_spin_us = 500\n")
+    d = daemon_factory("64M", "--no-swap", "--config", str(conf)).start()
+    data = b"".join(page_pattern(i) for i in range(64))
+    buf = mmap.mmap(-1, PAGE)
+    fd = os.open(d.image, os.O_RDWR | os.O_DIRECT)
+    try:
+        for i in range(64):
+            buf[:] = data[i * PAGE : (i + 1) * PAGE]
+            os.pwrite(fd, buf, i * PAGE)
+        for i in range(64):
+            os.preadv(fd, [buf], i * PAGE)
+            assert bytes(buf) == data[i * PAGE : (i + 1) * PAGE]
+    finally:
+        os.close(fd)
+    m = d.metrics()
+    assert m["zcached_fuse_spin_hits_total"] > 0 and m["zcached_fuse_spin_seconds_total"] > 0
+    time.sleep(0.05)
+    before = d.metrics()["zcached_fuse_spin_seconds_total"]
+    time.sleep(0.3)  # the scrapes are requests to the exporter, not to the FUSE workers
+    assert d.metrics()["zcached_fuse_spin_seconds_total"] == before
+    assert d.terminate() == 0
+
+
 def check_idle_buffers(d: Daemon) -> None:
     """After 1 MiB requests, idle FUSE workers give their buffers back to 64 KiB each (under
     the server's mlockall: munlock, MADV_DONTNEED, mlock2 again) without an error."""

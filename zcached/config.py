@@ -27,6 +27,7 @@ MAX_SIZE_RAM_FACTOR = 4  # a swap device larger than 4x RAM is a typo (12 B of t
 TABLE_BYTES_PER_PAGE = 17  # the C core's page table entry, two fill words and the age byte
 MAX_SIZE = (1 << 40) - PAGE  # the C core's handles have 29 bits: 2^28 - 1 pages at most
 MAX_IO_THREADS = 64  # the C core's Hoard heaps (one per FUSE worker)
+MAX_IO_SPIN_US = 1000  # csrc/fuse_loop.h ZC_FUSE_MAX_SPIN_NS
 COMPRESSORS = ("lz4", "zstd")
 LEVELS = {"lz4": (1, 12), "zstd": (-7, 22)}
 
@@ -67,6 +68,7 @@ class Config:
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     compaction: Compaction = field(default_factory=Compaction)
     io_threads: int = 0  # FUSE worker threads; 0 = one per CPU
+    io_spin_us: int = 0  # how long a FUSE worker spins for the next request; 0 = never
     recompress: Recompress = field(default_factory=Recompress)
 
     @property
@@ -157,6 +159,7 @@ _TOP_KEYS = {
     "metrics_listen",
     "compaction",
     "io_threads",
+    "io_spin_us",
     "recompress",
 }
 _COMPACTION_KEYS = {"fragmentation", "cpu_budget", "interval"}
@@ -294,6 +297,9 @@ def build(raw: dict[str, Any]) -> Config:
             raise ConfigError(
                 f'io_threads: must be in [1, {MAX_IO_THREADS}] or "auto", got {threads}'
             )
+    spin = _typed("io_spin_us", raw.get("io_spin_us", Config.io_spin_us), int, "an integer")
+    if not 0 <= spin <= MAX_IO_SPIN_US:
+        raise ConfigError(f"io_spin_us: must be in [0, {MAX_IO_SPIN_US}], got {spin}")
     return Config(
         size=size,
         compressor=comp,
@@ -305,6 +311,7 @@ def build(raw: dict[str, Any]) -> Config:
         metrics_listen=listen,
         compaction=compaction,
         io_threads=threads,
+        io_spin_us=spin,
         recompress=recompress,
     )
 

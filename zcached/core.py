@@ -252,6 +252,8 @@ def _loop_stats(loop: _core.Fuse) -> dict[str, object]:
         "internal_errors": st["internal_errors"],
         "buffer_trims": st["buffer_trims"],
         "buffer_resident_bytes": st["buffer_resident"],
+        "spin_ns": st["spin_ns"],
+        "spin_hits": st["spin_hits"],
         "resent_requests": st["resent_requests"],
         "latency_bounds_ns": list(LATENCY_BOUNDS_NS),
         "latency_buckets": {name(op): list(st["lat"][op]) for op in used},
@@ -283,6 +285,11 @@ class CoreFuseLoop:
         except OSError as e:
             raise MountError(f"FUSE workers: {e.strerror or e}") from None
 
+    def set_spin(self, us: int) -> None:
+        """How long (microseconds, 0..1000) a worker spins for the next request (SPIN in
+        csrc/fuse_loop.c); 0 = never."""
+        self._loop.set_spin(us)
+
     def alive(self) -> bool:
         """Whether any worker still serves (they end when the connection goes away)."""
         return int(self._loop.join(0)) > 0
@@ -308,10 +315,11 @@ class CoreFuseServer(FuseServer):
 
     def __init__(
         self, store: CoreStore, mountpoint: str, size: int, *, threads: int = 1,
-        file_name: str = "swap.img",
+        file_name: str = "swap.img", spin_us: int = 0,
     ) -> None:  # fmt: skip
         super().__init__(store, mountpoint, size, file_name=file_name, threads=threads)
         self.core_store = store
+        self.spin_us = spin_us
         self._loop: _core.Fuse | None = None
 
     def start(self) -> None:
@@ -324,6 +332,7 @@ class CoreFuseServer(FuseServer):
                 loop = _core.Fuse(
                     self.core_store.core, self._fd, self.file_name, threads=self.threads
                 )
+                loop.set_spin(self.spin_us)
                 loop.start()
             except (OSError, ValueError) as e:
                 raise MountError(f"FUSE workers: {e}") from None

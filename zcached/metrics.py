@@ -127,14 +127,25 @@ class ZcachedCollector(Collector):
             yield pool
             yield req
 
-        resent = trims = resident = internal = 0
+        resent = trims = resident = internal = spin_ns = spin_hits = 0
         if self.fuse is not None:
             fs = self.fuse.stats()
             resent = int(fs.get("resent_requests", 0))
+            spin_ns, spin_hits = int(fs.get("spin_ns", 0)), int(fs.get("spin_hits", 0))
             internal = int(fs.get("internal_errors", 0))
             trims = int(fs.get("buffer_trims", 0))
             resident = int(fs.get("buffer_resident_bytes", 0))
             yield from self._latency(fs)
+        yield c(
+            "zcached_fuse_spin_seconds",
+            "CPU time FUSE workers spent spinning for the next request (io_spin_us).",
+            value=spin_ns / 1e9,
+        )
+        yield c(
+            "zcached_fuse_spin_hits",
+            "Requests a spinning FUSE worker took without a wake-up (io_spin_us).",
+            value=spin_hits,
+        )
         yield c(
             "zcached_fuse_internal_errors",
             "Failures inside the FUSE loop itself (malformed requests, reply or trim errors).",

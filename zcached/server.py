@@ -137,6 +137,7 @@ def serve(args: argparse.Namespace) -> int:
         os.close(args.ready_fd)
         _wait(signals, loop)
         return 2
+    loop.set_spin(cfg.io_spin_us)
     compactor = _start_compactor(cfg, store, signals)
     recompressor = _start_recompressor(cfg, store, compactor.trigger)
     info: dict[str, object] = {
