@@ -761,6 +761,9 @@ int zc_store_discard(struct zc_ctx *c, uint64_t off, uint64_t len)
 void zc_store_tick(struct zc_store *s)
 {
 	__atomic_fetch_add(&s->hdr->epoch, 1u, __ATOMIC_RELAXED);
+	pthread_mutex_lock(&s->dict_lock);
+	dict_gc(s); /* the dictionaries no page uses any more (S6) */
+	pthread_mutex_unlock(&s->dict_lock);
 }
 
 /* Is entry e, with age byte a, one to recompress now? */
@@ -1102,7 +1105,6 @@ void zc_store_stats(struct zc_store *s, struct zc_store_stats *out)
 	out->recompress_saved_bytes = sum.saved_bytes;
 	out->epoch = RLOAD(s->hdr->epoch);
 	pthread_mutex_lock(&s->dict_lock);
-	dict_gc(s);
 	for (unsigned id = 1; id < ZC_MAX_DICTS; id++) {
 		uint32_t len = RLOAD(s->hdr->dict_len[id]);
 

@@ -129,7 +129,8 @@ unsigned zc_store_fragmentation(struct zc_store *s, struct xcf_class_usage *out,
 /* Pool bytes a complete compaction would give back. */
 uint64_t zc_store_reclaimable_bytes(struct zc_store *s);
 
-/* Recompression (store.c, PAGE AGE and S5).  tick advances the store's clock by one tick.
+/* Recompression (store.c, PAGE AGE and S5).  tick advances the store's clock by one tick and
+ * frees the dictionaries S6 allows (a stats read frees none).
  * recompress looks at pages start..start+max_scan-1 (0: to the end), and stores every idle one
  * (untouched for >= idle_ticks ticks, 1..64) again in the cold format at zstd `level`, when
  * that is smaller.  Returns where to go on from (npages at the end of a pass), or UINT64_MAX

@@ -166,6 +166,43 @@ def test_server_killed_under_io_loses_nothing(daemon_factory: Callable[..., Daem
     assert traces(str(d.root)) == NOTHING
 
 
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_server_killed_with_its_descriptors_non_blocking_leaves_no_spin(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """A worker that served a 1 MiB request reads non-blocking until it trims (fuse_loop.c,
+    TRIM), and O_NONBLOCK lives on the keeper's descriptor.  Killed in that second, the server
+    leaves it set: the next one must clear it and block, not spin on EAGAIN (which would burn
+    a CPU), and serve as before."""
+    d = daemon_factory("64M", "--no-swap").start()
+    data = os.urandom(MiB)
+    buf = mmap.mmap(-1, MiB)
+    buf[:] = data
+    fd = os.open(d.image, os.O_RDWR | os.O_DIRECT)
+    try:
+        pid = server_pid(d)
+        for i in range(4):  # every worker dirty, most likely
+            os.pwrite(fd, buf, i * MiB)
+        os.kill(pid, signal.SIGKILL)  # within the second before they trim
+        pid = wait_new_server(d, pid)
+        time.sleep(0.5)
+        c0 = cpu_s(pid)
+        time.sleep(2.0)
+        assert cpu_s(pid) - c0 < 0.5  # a worker spinning on EAGAIN would take ~2 s
+        for i in range(4):
+            os.preadv(fd, [buf], i * MiB)
+            assert bytes(buf) == data
+    finally:
+        os.close(fd)
+    assert d.metrics()["zcached_fuse_internal_errors_total"] == 0
+    assert d.terminate() == 0, d.log()
+
+
 class Readers(Background):
     """``n`` threads reading pages already written (O_DIRECT) as fast as they can, each read
     verified: they keep the server's workers holding requests most of the time."""
