@@ -44,10 +44,18 @@ log = logging.getLogger("zcached")
 
 READY_TIMEOUT = 60.0  # a server that attaches, recovers and starts its workers in this long
 STOP_TIMEOUT = 10.0  # SIGTERM to a server, then SIGKILL
-PIN_INTERVAL = 5.0
+PIN_INTERVAL = 1.0
 FAST_DEATH = 1.0  # a server dying sooner than this after its start counts as a crash loop
 MAX_PAUSE = 5.0
 COMPACT_COALESCE = 1.0  # seconds: compaction requests closer than this are one
+
+
+def _ended(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        proc.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 class KeeperError(RuntimeError):
@@ -248,13 +256,28 @@ class Supervisor:
             self._respawn()
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> None:
-        """Until ``proc`` exits; keeps the arena's resident pages locked meanwhile."""
-        while True:
-            try:
-                proc.wait(timeout=PIN_INTERVAL)
-                return
-            except subprocess.TimeoutExpired:
+        """Until ``proc`` exits; keeps the arena's resident pages locked meanwhile.  The pages
+        a server faulted in since the last pin are locked by that server alone: the moment it
+        is gone they may be paged out (DAMON's reclaim on this VM did so, to our own swap,
+        which then had no server: the next one hung faulting them in), so they are pinned
+        first thing, before the log line, a crash-loop pause or the next server's start."""
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError:  # already reaped, or no pidfd: fall back to polling the pid
+            pidfd = -1
+        try:
+            while True:
+                if pidfd >= 0:
+                    ended = bool(select.select([pidfd], [], [], PIN_INTERVAL)[0])
+                else:
+                    ended = _ended(proc, PIN_INTERVAL)
                 self.hold.pin()
+                if ended:
+                    proc.wait()
+                    return
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
 
     def _respawn(self) -> None:
         """Start servers until one is ready (or stop is asked)."""

@@ -169,7 +169,8 @@ class Recompressor:
             self._stop.wait(cpu * (1 - b) / b)
 
     def maybe_train(self, *, before_pass: bool) -> None:
-        """Train a dictionary when the reservoir is full (or, before a pass, holds any)."""
+        """Train a dictionary when the reservoir is full (or, before a pass, holds any); the
+        caller paces the CPU it took."""
         if not self.policy.dictionary:
             return
         st = self.store.raw_stats()
@@ -188,7 +189,6 @@ class Recompressor:
             self.baseline = None
             log.info("recompress: dictionary %d trained on %d pages (%.2f s CPU)",
                      new, st["samples"], spent)  # fmt: skip
-        self._pace(spent)
 
     def run_pass(self) -> None:
         """One scan of the page table, paced; returns early when stopped."""
@@ -197,6 +197,7 @@ class Recompressor:
         # Pages written before the first tick may be idle from this pass on: from then, a
         # partial reservoir is trained on rather than let pages go cold without a dictionary.
         self.maybe_train(before_pass=self.runs >= IDLE_TICKS - 1)
+        self._pace(time.thread_time() - c0)
         cursor = 0
         done = dict.fromkeys(REPORT_KEYS, 0)
         while cursor < self.store.npages and not self._stop.is_set():
@@ -204,8 +205,8 @@ class Recompressor:
             cursor, report = self.store.recompress(cursor, p.step_pages, IDLE_TICKS, p.level)
             for k in REPORT_KEYS:
                 done[k] += report[k]
-            self._pace(time.thread_time() - s0)
             self.maybe_train(before_pass=False)
+            self._pace(time.thread_time() - s0)  # all of the step's CPU, its stats reads too
         for k in REPORT_KEYS:
             self.totals[k] += done[k]
         self.runs += 1
