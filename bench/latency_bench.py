@@ -87,12 +87,13 @@ def _daemon(size: int, spin_us: int, work: str) -> Iterator[Any]:
 
 
 def _zcached(corpus: bytes, runtime: float, spin_us: int) -> dict[str, Any]:
+    from bench.recompress_bench import _pids
     from bench.swap_bench import cpu_seconds
 
     with tempfile.TemporaryDirectory(prefix="zcached-latency-") as work, \
             _daemon(len(corpus), spin_us, work) as d:  # fmt: skip
         fill_direct(d.device, corpus)
-        pids = [int(d.status()["keeper_pid"]), int(d.status()["server_pid"])]
+        pids = _pids(d)
         out: dict[str, Any] = {}
         for name, path in (("file", d.device), ("loop", "")):
             loop = _losetup(d.device) if name == "loop" else ""

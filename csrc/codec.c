@@ -166,6 +166,20 @@ void zc_codec_fini(struct zc_codec *c)
 	c->cctx = c->dctx = NULL;
 }
 
+/* One page as a zstd frame with context cc: its length, or 0 when zstd gave up. */
+static uint32_t zstd_compress(ZSTD_CCtx *cc, const uint8_t *page, uint8_t *out, uint32_t cap)
+{
+	/* The pledged size is reset after each frame: set it again (cheap). */
+	ZSTD_CCtx_setPledgedSrcSize(cc, ZC_CODEC_PAGE);
+	size_t n = ZSTD_compress2(cc, out, cap, page, ZC_CODEC_PAGE);
+
+	if (ZSTD_isError(n)) {
+		ZSTD_CCtx_reset(cc, ZSTD_reset_session_only);
+		return 0;
+	}
+	return (uint32_t)n;
+}
+
 /* Compressed length, or 0 when the compressor gave up (the page is then huge). */
 static uint32_t compress_page(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t cap)
 {
@@ -174,15 +188,7 @@ static uint32_t compress_page(struct zc_codec *c, const uint8_t *page, uint8_t *
 					  (int)cap, c->level);
 		return n > 0 ? (uint32_t)n : 0;
 	}
-	/* The pledged size is reset after each frame: set it again (cheap). */
-	ZSTD_CCtx_setPledgedSrcSize(c->cctx, ZC_CODEC_PAGE);
-	size_t n = ZSTD_compress2(c->cctx, out, cap, page, ZC_CODEC_PAGE);
-
-	if (ZSTD_isError(n)) {
-		ZSTD_CCtx_reset(c->cctx, ZSTD_reset_session_only);
-		return 0;
-	}
-	return (uint32_t)n;
+	return zstd_compress(c->cctx, page, out, cap);
 }
 
 int zc_codec_encode(struct zc_codec *c, const uint8_t *page, uint8_t *out, uint32_t *len,
@@ -261,19 +267,12 @@ int zc_codec_encode_cold(struct zc_codec *c, const uint8_t *page, uint8_t *out, 
 {
 	if (!c->cold)
 		return -EINVAL;
-	/* The pledged size is reset after each frame: set it again (cheap). */
-	ZSTD_CCtx_setPledgedSrcSize(c->cold, ZC_CODEC_PAGE);
-	size_t n = ZSTD_compress2(c->cold, out + ZC_COLD_HDR, ZC_CODEC_OUT_MAX - ZC_COLD_HDR, page,
-				  ZC_CODEC_PAGE);
+	uint32_t n = zstd_compress(c->cold, page, out + ZC_COLD_HDR, ZC_CODEC_OUT_MAX - ZC_COLD_HDR);
 
-	if (ZSTD_isError(n)) {
-		ZSTD_CCtx_reset(c->cold, ZSTD_reset_session_only);
-		return -E2BIG;
-	}
-	if (n + ZC_COLD_HDR >= ZC_CODEC_PAGE)
+	if (n == 0 || n + ZC_COLD_HDR >= ZC_CODEC_PAGE)
 		return -E2BIG;
 	out[0] = (uint8_t)c->cold_id;
-	*len = (uint32_t)n + ZC_COLD_HDR;
+	*len = n + ZC_COLD_HDR;
 	return 0;
 }
 

@@ -814,6 +814,17 @@ static int wait_or_trim(struct zc_fuse_worker *w)
 	return 1;
 }
 
+/* One read(2) of a request: n > 0 bytes in w->req, 0 for none yet (EAGAIN, EINTR, or ENOENT:
+ * the request was interrupted), or -errno. */
+static ssize_t read_request(struct zc_fuse_worker *w)
+{
+	ssize_t n = read(w->fd, w->req, ZC_IN_SPACE);
+
+	if (n >= 0)
+		return n;
+	return errno == ENOENT || errno == EINTR || errno == EAGAIN ? 0 : -errno;
+}
+
 /* SPIN: the next request if one comes within spin_ns (n > 0), else 0; or -errno of read(2). */
 static ssize_t spin_read(struct zc_fuse_worker *w)
 {
@@ -828,9 +839,7 @@ static ssize_t spin_read(struct zc_fuse_worker *w)
 		uint64_t t0 = now_ns(), t = t0;
 
 		do {
-			n = read(w->fd, w->req, ZC_IN_SPACE);
-			if (n < 0)
-				n = errno == EAGAIN || errno == EINTR || errno == ENOENT ? 0 : -errno;
+			n = read_request(w);
 			if (n)
 				break;
 			t = now_ns();
@@ -856,11 +865,7 @@ static ssize_t next_request(struct zc_fuse_worker *w)
 	}
 	if (buffers_dirty(w) && wait_or_trim(w))
 		return 0;
-	ssize_t n = read(w->fd, w->req, ZC_IN_SPACE);
-
-	if (n >= 0)
-		return n;
-	return errno == ENOENT || errno == EINTR || errno == EAGAIN ? 0 : -errno;
+	return read_request(w);
 }
 
 static void serve(struct zc_fuse_worker *w)

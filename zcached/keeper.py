@@ -50,14 +50,6 @@ MAX_PAUSE = 5.0
 COMPACT_COALESCE = 1.0  # seconds: compaction requests closer than this are one
 
 
-def _ended(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    try:
-        proc.wait(timeout=timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
-
-
 class KeeperError(RuntimeError):
     """The first server never came up; the message is one human line."""
 
@@ -263,21 +255,17 @@ class Supervisor:
         first thing, before the log line, a crash-loop pause or the next server's start."""
         try:
             pidfd = os.pidfd_open(proc.pid)
-        except OSError:  # already reaped, or no pidfd: fall back to polling the pid
-            pidfd = -1
+        except ProcessLookupError:  # gone already
+            self.hold.pin()
+            proc.wait()
+            return
         try:
-            while True:
-                if pidfd >= 0:
-                    ended = bool(select.select([pidfd], [], [], PIN_INTERVAL)[0])
-                else:
-                    ended = _ended(proc, PIN_INTERVAL)
+            while not select.select([pidfd], [], [], PIN_INTERVAL)[0]:
                 self.hold.pin()
-                if ended:
-                    proc.wait()
-                    return
+            self.hold.pin()
+            proc.wait()
         finally:
-            if pidfd >= 0:
-                os.close(pidfd)
+            os.close(pidfd)
 
     def _respawn(self) -> None:
         """Start servers until one is ready (or stop is asked)."""
