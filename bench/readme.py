@@ -186,6 +186,37 @@ def latency_rows(doc: dict[str, Any]) -> list[str]:
     return rows
 
 
+def writeback_rows(doc: dict[str, Any]) -> list[str]:
+    """The writeback tier (bench/writeback_bench.py): the swap workload at a small mem_limit
+    with a backing file, next to plain disk swap and zram from the same run; QD1 reads of
+    written-back pages next to disk swap's file."""
+    wb = Source(doc, "writeback")
+    if not wb.ok:
+        return []
+    data, limit, pool = (wb.value(k) for k in ("data_MiB", "limit_MiB", "mem_limit_MiB"))
+    zw, dw, kw = (wb.value(f"{b}.wall_s") for b in ("zcached", "disk", "zram"))
+    zl, dl = "read_latency.zcached_backed", "read_latency.disk_loop"
+    kmean = wb.value("read_latency.zram_lz4.mean_us")
+    zmean, dmean = wb.value(f"{zl}.mean_us"), wb.value(f"{dl}.mean_us")
+    return [
+        _row(
+            f"swap workload at the memory limit: {data:.0f} MiB in a {limit:.0f} MiB cgroup, "
+            f"mem_limit {pool:.0f} MiB + backing file (1 run; disk swap: "
+            f"{_secs(dw)}, {dw / kw if dw and kw else 0:.2f}x zram)",
+            _secs(zw), _secs(kw), wb.ratio("ratio.zcached_to_zram_wall"),
+            f"<= disk swap ({zw / dw if zw and dw else 0:.2f}x of it)",
+        ),
+        _row(
+            f"4K read QD1 of written-back pages, loop device (disk swap's file: {_us(dmean)}, "
+            f"p99 {_us(wb.value(f'{dl}.p99_us'))})",
+            f"{_us(zmean)} (p99 {_us(wb.value(f'{zl}.p99_us'))})",
+            f"{_us(kmean)} (p99 {_us(wb.value('read_latency.zram_lz4.p99_us'))})",
+            f"**{zmean / kmean:.2f}x**" if zmean and kmean else MISSING,
+            f"reported ({zmean / dmean if zmean and dmean else 0:.2f}x disk)",
+        ),
+    ]  # fmt: skip
+
+
 def io_rows(doc: dict[str, Any]) -> list[str]:
     io = Source(doc, "io")
     rows = []
@@ -211,6 +242,7 @@ TABLE_MODULES = (
     "latency",
     "recompress",
     "recovery",
+    "writeback",
     *SWAP_MODULES,
 )  # what the table quotes
 
@@ -354,6 +386,7 @@ def render(doc: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---|",
     ]
     lines += memory_rows(doc) + io_rows(doc) + latency_rows(doc) + swap_rows(doc)
+    lines += writeback_rows(doc)
     lines += daemon_rows(doc)
     sw = Source(doc, "swap")
     if not sw.ok and isinstance(sw.result.get("skipped"), str):

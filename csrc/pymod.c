@@ -359,6 +359,11 @@ static const struct {
 	STAT(cold_bytes),     STAT(recompressed),    STAT(recompress_saved_bytes), STAT(epoch),
 	STAT(dicts),          STAT(dict_bytes),      STAT(dict_memory),     STAT(dict_current),
 	STAT(dicts_trained),  STAT(samples),         STAT(sample_cap),      STAT(sample_memory),
+	STAT(backed_pages),   STAT(backed_bytes),    STAT(backing_bytes),   STAT(backing_used_bytes),
+	STAT(writeback_pages), STAT(writeback_bytes), STAT(writeback_writes),
+	STAT(writeback_errors), STAT(writeback_direct), STAT(writeback_full), STAT(writeback_relocated),
+	STAT(backing_reads),
+	STAT(backing_read_pages), STAT(backing_read_ns), STAT(backing_read_errors),
 };
 
 static PyObject *Store_stats(StoreObject *so, PyObject *Py_UNUSED(ignored))
@@ -387,7 +392,62 @@ static PyObject *Store_stats(StoreObject *so, PyObject *Py_UNUSED(ignored))
 		}
 		Py_DECREF(o);
 	}
+	PyObject *hist = d ? PyTuple_New(ZC_BK_HIST) : NULL;
+
+	for (unsigned k = 0; hist && k < ZC_BK_HIST; k++)
+		PyTuple_SET_ITEM(hist, k, PyLong_FromUnsignedLongLong(st.backing_read_hist[k]));
+	if (!hist || PyDict_SetItemString(d, "backing_read_hist", hist)) {
+		Py_XDECREF(hist);
+		Py_XDECREF(d);
+		return NULL;
+	}
+	Py_DECREF(hist);
 	return d;
+}
+
+static PyObject *Store_set_backing(StoreObject *so, PyObject *args)
+{
+	int fd, rc;
+	unsigned long long bytes;
+
+	if (!PyArg_ParseTuple(args, "iO&", &fd, to_u64, &bytes) || !store_ready(so))
+		return NULL;
+	so->busy++;
+	Py_BEGIN_ALLOW_THREADS
+	rc = zc_store_set_backing(so->s, fd, bytes);
+	Py_END_ALLOW_THREADS
+	so->busy--;
+	if (rc)
+		return raise_errno(rc);
+	Py_RETURN_NONE;
+}
+
+static PyObject *Store_writeback(StoreObject *so, PyObject *args)
+{
+	static const char *const names[] = {"scanned", "pages",	   "bytes",
+					    "raced",   "segments", "relocated"};
+	unsigned long long max_bytes;
+	unsigned idle;
+	struct zc_writeback_report r;
+	int rc = -ENOMEM;
+
+	if (!PyArg_ParseTuple(args, "O&I", to_u64, &max_bytes, &idle) || !store_ready(so))
+		return NULL;
+	so->busy++;
+	Py_BEGIN_ALLOW_THREADS
+	struct zc_ctx *c = ctx_get(so);
+
+	if (c) {
+		rc = zc_store_writeback(c, max_bytes, idle, &r);
+		ctx_put(so, c);
+	}
+	Py_END_ALLOW_THREADS
+	so->busy--;
+	if (rc)
+		return raise_errno(rc);
+	const uint64_t vals[] = {r.scanned, r.pages, r.bytes, r.raced, r.segments, r.relocated};
+
+	return u64_dict(names, vals, sizeof(vals) / sizeof(vals[0]));
 }
 
 static PyObject *Store_compact(StoreObject *so, PyObject *args)
@@ -683,6 +743,10 @@ static PyMethodDef Store_methods[] = {
 	 "train_dictionary(dict_bytes, level) -> id: train on the reservoir, make it current"},
 	{"set_dictionary", (PyCFunction)Store_set_dictionary, METH_VARARGS,
 	 "set_dictionary(bytes, level) -> id: make a given dictionary current"},
+	{"set_backing", (PyCFunction)Store_set_backing, METH_VARARGS,
+	 "set_backing(fd, bytes): the writeback tier's backing file"},
+	{"writeback", (PyCFunction)Store_writeback, METH_VARARGS,
+	 "writeback(max_bytes, idle_ticks) -> report (one segment at most)"},
 	{"recompress", (PyCFunction)Store_recompress, METH_VARARGS,
 	 "recompress(start, max_scan, idle_ticks, level) -> (next, report)"},
 	{"reclaimable_bytes", (PyCFunction)Store_reclaimable_bytes, METH_NOARGS, ""},

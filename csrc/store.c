@@ -1,7 +1,9 @@
 /* store.c - the page store of the C core (see store.h): the page table and the request paths.
  *
  * Owns: the arena header and layout, the page table (one 64-bit entry, two 32-bit fill words
- * and one age byte per device page), the read/write/discard paths with read-modify-write of
+ * and one age byte per device page), the writeback tier's mechanism (which pages go to the
+ * backing file, their entries, reading them back; the file itself is backing.c's), the
+ * read/write/discard paths with read-modify-write of
  * unaligned edges, checksum verification on every read, the memory limit as callers see it
  * (ENOSPC), the stripe locks, the per-context counters, the contexts themselves, and the
  * mechanism of recompression (which idle pages, stored again in the cold format; the policy,
@@ -29,6 +31,11 @@
  *                                                   object is in the store's codec, or in the
  *                                                   cold format (codec.h) when cold is set
  *   HUGE       3 << 62 | handle << 32 | checksum    the object is the raw page
+ *   BACKED     3 << 62 | 1 << 61 | cls << 56 | (len - 1) << 44 | sel << 43 | off / 2 << 32
+ *              | checksum                           written back (WRITEBACK): len bytes at
+ *                                                   byte off (even) of backing block
+ *                                                   fill[p][sel]; cls 0: the store's codec,
+ *                                                   1: the raw page, 2 + d: cold, dictionary d
  *   A COMPRESSED entry with handle 0 is a lost page (POISON): recovery found it naming no valid
  *   object; it reads as -EIO until written again.
  *
@@ -61,6 +68,12 @@
  *     entry can be replaced and its reference dropped).  So no decode ever meets a freed
  *     dictionary, and a server that dies leaves at worst a live slot nobody uses (freed by
  *     the next attach) or a dead one half written (length 0: it is nothing).
+ *  S7 A BACKED entry is published only after its segment's write completed (WRITEBACK 2),
+ *     with its block in the fill word the entry it replaces does not use; a page written back
+ *     still holds what was copied (checked under its stripe lock, as S5), and its pool object
+ *     is freed after, as every replacement's.  A segment is reused only when no entry names it
+ *     and no reader holds it (backing.h B1-B3).  So a read of a BACKED page reads the bytes
+ *     that were written for it, or fails its checksum (-EIO): never another page's bytes.
  *  S5 Recompression replaces an entry only if it is still the entry it decoded and verified,
  *     checked and published under the page's stripe lock (a write or discard in between wins;
  *     the new object is dropped), keeping the checksum; as every replacement, it frees the old
@@ -76,8 +89,27 @@
  *  ctx_lock guards the context slots (taken when a context is made or freed, and by stats).
  *  dict_lock guards the dictionary slots (made current, freed) and the sample reservoir; a
  *  writer offering a sample only tries it (never waits); stripe locks are never taken inside.
+ *  wb_lock serialises writeback batches (the open segment, its buffer, the hand); it is taken
+ *  with no stripe lock held, and stripe locks are taken inside it one at a time.  A writer
+ *  that finds the pool at its limit takes it (direct reclaim) only from zc_store_write's top,
+ *  holding nothing.
  *  The locks live in the process (struct zc_store), never in the arena: a server that dies
  *  holding one leaves nothing locked for the next.
+ *
+ * WRITEBACK (zc_store_writeback; the policy, when and how much, is zcached/writeback.py's)
+ *  1. Gather: from the hand on, each object entry idle for idle_ticks (0: any) is copied, under
+ *     its stripe lock, into the open segment's buffer (objects at even bytes, crossing at most
+ *     one 4K boundary, never the segment's end), until the segment is full or the hand went
+ *     round.
+ *  2. One O_DIRECT write of the used blocks (the file was preallocated: no allocation under
+ *     memory pressure).  On failure nothing was published: the pages stay in the pool.
+ *  3. Publish (S7), free the pool objects, count the segment's live bytes (B2).
+ *  4. When the open segment is the last free one, the batch compacts the file instead: the
+ *     live objects of the emptiest segments (at least two, fitting in one) are copied into it
+ *     and their entries moved (checked against entry and block), which frees those segments.
+ *     That last segment is never filled with new pages: the file can always be compacted.
+ *  A read of a BACKED page takes its segment's hold under the stripe lock (B3), reads the
+ *  blocks after the locks (one pread for a run of pages within BIO_BLOCKS), decodes, verifies.
  *
  * RECOVERY (zc_store_attach; the arena's previous user may have died at any instruction)
  *  1. The header and layout are checked against what this version would lay out for the same
@@ -90,6 +122,9 @@
  *     pool (orphans, half-made vpages, pages taken but not yet used) is freed.
  *  4. The counters of every context that was live fold into slot 0, and the per-state page
  *     counts are recounted from the table.
+ *  5. BACKED entries are kept if their place lies inside the backing file the header records
+ *     (else POISON); the file's segments are recounted when the server gives it the file
+ *     (zc_store_set_backing, which checks the file's header names this arena's file).
  */
 #include "store.h"
 
@@ -102,6 +137,7 @@
 #include <unistd.h>
 
 #include "arena.h"
+#include "backing.h"
 #include "codec.h"
 #include "crashpoint.h"
 #include "xcfmalloc.h"
@@ -120,6 +156,16 @@
 #define PTE_SEL(e) ((unsigned)((e) >> 32) & 1u)
 #define PTE_COLD (1ull << 61)
 #define PTE_IS_COLD(e) (PTE_STATE(e) == ZC_COMPRESSED && ((e) & PTE_COLD))
+#define PTE_BACKED (1ull << 61)
+#define PTE_IS_BACKED(e) (PTE_STATE(e) == ZC_HUGE && ((e) & PTE_BACKED))
+#define BK_CLS(e) ((unsigned)((e) >> 56) & 31u)
+#define BK_LEN(e) ((((unsigned)((e) >> 44)) & 4095u) + 1u)
+#define BK_OFF(e) (((unsigned)((e) >> 32) & 2047u) * 2u)
+#define BK_SEL(e) ((unsigned)((e) >> 43) & 1u)
+#define BK_RAW 1u  /* class of a written-back raw page; 0: the store's codec; 2 + d: cold, dict d */
+#define BK_COLD 2u
+#define SLOT_BACKED 4u /* by_state[] index of BACKED entries */
+#define BIO_BLOCKS 16u /* blocks one fetch reads at most */
 #define AGE_TRIED 0x80u
 #define AGE_EPOCH 0x7fu
 #define AGE_MAX_IDLE 64u
@@ -146,15 +192,19 @@ struct zc_hdr {
 	uint32_t dict_len[ZC_MAX_DICTS];
 	int32_t dict_level[ZC_MAX_DICTS];
 	uint32_t front[ZC_FRONT_WORDS];
+	uint64_t bk_id, bk_blocks; /* the backing file's id and geometry (0: none yet) */
 };
 
 /* One context's counters; single writer (the context's thread), read by stats. */
 struct zc_ctx_stats {
 	uint64_t used;
 	uint64_t reads, writes, discards, failed_reads, failed_writes, checksum_errors;
-	uint64_t by_state[4]; /* changes in the number of pages per state (two's complement) */
+	uint64_t by_state[5]; /* changes in pages per state, BACKED last (two's complement) */
 	uint64_t cold_pages, cold_bytes; /* changes in cold pages and their object bytes */
 	uint64_t recompressed, saved_bytes; /* pages recompressed, object bytes that saved */
+	uint64_t backed_bytes;              /* changes in the object bytes of BACKED pages */
+	uint64_t wb_pages, wb_bytes, wb_writes, wb_errors, wb_direct, wb_full, wb_moved;
+	uint64_t bk_reads, bk_read_pages, bk_read_ns, bk_read_errors, bk_hist[ZC_BK_HIST];
 };
 
 struct zc_store {
@@ -178,6 +228,12 @@ struct zc_store {
 	uint8_t *samples;                     /* the reservoir: sample_cap pages, or NULL */
 	uint32_t sample_cap, nsamples, sample_stride;
 	uint32_t sampling;                    /* 1 while the reservoir fills (__atomic) */
+	struct zc_backing bk;                 /* the writeback tier (fd -1: none) */
+	pthread_mutex_t wb_lock;              /* guards bk's open segment, wbuf, wb_* (B1) */
+	uint64_t wb_hand;                     /* where the next writeback batch looks first */
+	uint64_t wb_page[ZC_WB_MAX_OBJECTS], wb_old[ZC_WB_MAX_OBJECTS];
+	uint32_t wb_pos[ZC_WB_MAX_OBJECTS], wb_len[ZC_WB_MAX_OBJECTS];
+	uint32_t wb_oldblock[ZC_WB_MAX_OBJECTS]; /* relocations: the block each came from */
 };
 
 /* An unaligned request of ZC_MAX_REQ_PAGES * 4096 bytes spans one page more. */
@@ -194,6 +250,9 @@ struct zc_ctx {
 	uint64_t snap[ZC_MAX_SPAN];
 	uint32_t snap_fill[ZC_MAX_SPAN];
 	uint8_t snap_dict[ZC_MAX_SPAN]; /* the dictionary snapshot i holds (0: none) */
+	uint32_t snap_block[ZC_MAX_SPAN]; /* BACKED snapshot i: its block (0: not one to fetch) */
+	uint8_t snap_seg[ZC_MAX_SPAN];    /* 1: snapshot i holds its segment (B3) */
+	uint8_t *bio;                     /* BIO_BLOCKS blocks, 4K aligned, for fetches */
 	uint32_t sample_tick;           /* pages this context offered the reservoir */
 	uint64_t newe[ZC_MAX_SPAN];
 	uint32_t newf[ZC_MAX_SPAN];
@@ -248,9 +307,20 @@ static unsigned cold_dict_of(struct zc_store *s, uint64_t e)
 	return id;
 }
 
+/* The dictionary entry e's object needs (0: none): a cold one's first byte, or a BACKED
+ * one's class. */
+static unsigned entry_dict(struct zc_store *s, uint64_t e)
+{
+	if (PTE_IS_COLD(e) && e != ZC_POISON)
+		return cold_dict_of(s, e);
+	if (PTE_IS_BACKED(e) && BK_CLS(e) >= BK_COLD && BK_CLS(e) - BK_COLD < ZC_MAX_DICTS)
+		return BK_CLS(e) - BK_COLD;
+	return 0;
+}
+
 static void dict_ref(struct zc_store *s, uint64_t e, uint64_t delta)
 {
-	unsigned id = cold_dict_of(s, e);
+	unsigned id = entry_dict(s, e);
 
 	if (id)
 		__atomic_fetch_add(&s->dict_refs[id], delta, __ATOMIC_SEQ_CST);
@@ -320,20 +390,42 @@ static void offer_sample(struct zc_ctx *c, const uint8_t *page)
 
 /* ---- counters ------------------------------------------------------------------------------ */
 
-/* Entry old replaced by new (both objects still live). */
-static void count_state(struct zc_ctx *c, uint64_t old, uint64_t new)
+/* The by_state[] slot of entry e: its state, or SLOT_BACKED. */
+static unsigned slot_of(uint64_t e)
 {
-	BUMP(c->st->by_state[PTE_STATE(old)], (uint64_t)-1);
-	BUMP(c->st->by_state[PTE_STATE(new)], 1);
+	return PTE_IS_BACKED(e) ? SLOT_BACKED : PTE_STATE(e);
+}
+
+/* The backing block BACKED entry e of page p names (its fill word: see publish). */
+static uint32_t backed_block(struct zc_store *s, uint64_t p, uint64_t e)
+{
+	return RLOAD(s->fill[2 * p + BK_SEL(e)]);
+}
+
+/* Entry old of page p replaced by new (both objects still live; B2 for BACKED ones). */
+static void count_state(struct zc_ctx *c, uint64_t p, uint64_t old, uint64_t new)
+{
+	struct zc_store *s = c->s;
+
+	BUMP(c->st->by_state[slot_of(old)], (uint64_t)-1);
+	BUMP(c->st->by_state[slot_of(new)], 1);
+	dict_ref(s, old, (uint64_t)-1);
+	dict_ref(s, new, 1);
 	if (PTE_IS_COLD(old)) {
 		BUMP(c->st->cold_pages, (uint64_t)-1);
-		BUMP(c->st->cold_bytes, -(uint64_t)xcf_size(c->s->pool, PTE_HANDLE(old)));
-		dict_ref(c->s, old, (uint64_t)-1);
+		BUMP(c->st->cold_bytes, -(uint64_t)xcf_size(s->pool, PTE_HANDLE(old)));
 	}
 	if (PTE_IS_COLD(new)) {
 		BUMP(c->st->cold_pages, 1);
-		BUMP(c->st->cold_bytes, xcf_size(c->s->pool, PTE_HANDLE(new)));
-		dict_ref(c->s, new, 1);
+		BUMP(c->st->cold_bytes, xcf_size(s->pool, PTE_HANDLE(new)));
+	}
+	if (PTE_IS_BACKED(old)) {
+		BUMP(c->st->backed_bytes, -(uint64_t)BK_LEN(old));
+		zc_backing_live(&s->bk, zc_block_seg(backed_block(s, p, old)), -(int64_t)BK_LEN(old));
+	}
+	if (PTE_IS_BACKED(new)) {
+		BUMP(c->st->backed_bytes, BK_LEN(new));
+		zc_backing_live(&s->bk, zc_block_seg(backed_block(s, p, new)), BK_LEN(new));
 	}
 }
 
@@ -384,14 +476,19 @@ static uint32_t fill_of(struct zc_store *s, uint64_t p, uint64_t e)
 	return RLOAD(s->fill[2 * p + PTE_SEL(e)]);
 }
 
-/* Publish entry e for page p (S1).  A SAME entry's fill word goes first, into the half the
- * entry it replaces does not use; then the entry, in one store. */
+/* Publish entry e for page p (S1).  A SAME entry's fill word, or a BACKED entry's block (in
+ * word 0), goes first, into a half the entry it replaces does not use; then the entry, in one
+ * store. */
 static uint64_t publish(struct zc_store *s, uint64_t p, uint64_t e, uint32_t fill_hi)
 {
 	uint64_t old = RLOAD(s->pte[p]);
 
-	if (PTE_STATE(e) == ZC_SAME) {
-		unsigned sel = PTE_STATE(old) == ZC_SAME ? PTE_SEL(old) ^ 1u : 0u;
+	if (PTE_IS_BACKED(e)) { /* e's maker chose the half (BK_SEL) that old does not use */
+		STORE(s->fill[2 * p + BK_SEL(e)], fill_hi);
+	} else if (PTE_STATE(e) == ZC_SAME) {
+		unsigned sel = PTE_STATE(old) == ZC_SAME ? PTE_SEL(old) ^ 1u
+			       : PTE_IS_BACKED(old)	 ? BK_SEL(old) ^ 1u
+							 : 0u;
 
 		STORE(s->fill[2 * p + sel], fill_hi);
 		e |= (uint64_t)sel << 32;
@@ -405,7 +502,7 @@ static void free_entry(struct zc_ctx *c, uint64_t e)
 {
 	unsigned st = PTE_STATE(e);
 
-	if (st == ZC_COMPRESSED || st == ZC_HUGE)
+	if ((st == ZC_COMPRESSED || st == ZC_HUGE) && !PTE_IS_BACKED(e))
 		xcf_free(c->s->pool, c->heap, PTE_HANDLE(e));
 }
 
@@ -435,6 +532,30 @@ static int encode_store(struct zc_ctx *c, const uint8_t *page, uint64_t *e, uint
 	return 0;
 }
 
+/* Snapshot i of BACKED page p (caller holds its stripe): room in c->scratch at *at for its
+ * object, which fetch() reads after the locks; the segment and the dictionary held (B3, S6). */
+static int snapshot_backed(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t *at)
+{
+	struct zc_store *s = c->s;
+	uint64_t e = c->snap[i];
+	uint32_t block = backed_block(s, p, e);
+	unsigned id = entry_dict(s, e);
+
+	if (s->bk.fd < 0 || block == 0 || block >= s->bk.blocks)
+		return -EIO;
+	zc_backing_hold(&s->bk, zc_block_seg(block));
+	c->snap_seg[i] = 1;
+	c->snap_block[i] = block;
+	if (id) {
+		dict_hold(s, id);
+		c->snap_dict[i] = (uint8_t)id;
+	}
+	c->obj_off[i] = *at;
+	c->obj_len[i] = BK_LEN(e);
+	*at += BK_LEN(e);
+	return 0;
+}
+
 /* Copy page p's object out (caller holds its stripe): into c->scratch at *at. */
 static int snapshot(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t *at)
 {
@@ -444,9 +565,13 @@ static int snapshot(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t *at)
 	c->snap[i] = e;
 	c->snap_fill[i] = PTE_STATE(e) == ZC_SAME ? fill_of(s, p, e) : 0;
 	c->snap_dict[i] = 0;
+	c->snap_block[i] = 0;
+	c->snap_seg[i] = 0;
 	c->obj_len[i] = 0;
 	if (PTE_STATE(e) < ZC_COMPRESSED)
 		return 0;
+	if (PTE_IS_BACKED(e))
+		return snapshot_backed(c, p, i, at);
 	int n = xcf_read(s->pool, PTE_HANDLE(e), c->scratch + *at);
 
 	if (n < 0)
@@ -465,20 +590,97 @@ static int snapshot(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t *at)
 	return 0;
 }
 
-/* Give back the dictionaries snapshots lo..hi-1 hold (after their decodes). */
+/* Give back the dictionaries and segments snapshots lo..hi-1 hold (after their decodes). */
 static void release_snapshots(struct zc_ctx *c, unsigned lo, unsigned hi)
 {
-	for (unsigned i = lo; i < hi; i++)
+	for (unsigned i = lo; i < hi; i++) {
 		if (c->snap_dict[i]) {
 			dict_release(c->s, c->snap_dict[i]);
 			c->snap_dict[i] = 0;
 		}
+		if (c->snap_seg[i]) {
+			zc_backing_release(&c->s->bk, zc_block_seg(c->snap_block[i]));
+			c->snap_seg[i] = 0;
+		}
+	}
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void count_backing_read(struct zc_ctx *c, uint64_t ns, unsigned pages)
+{
+	unsigned b = 0;
+
+	for (uint64_t us = ns / 1000; b + 1 < ZC_BK_HIST && us > (16ull << b); b++)
+		;
+	BUMP(c->st->bk_reads, 1);
+	BUMP(c->st->bk_read_pages, pages);
+	BUMP(c->st->bk_read_ns, ns);
+	BUMP(c->st->bk_hist[b], 1);
+}
+
+/* The last block BACKED snapshot i needs. */
+static uint32_t last_block(const struct zc_ctx *c, unsigned i)
+{
+	return c->snap_block[i] + (BK_OFF(c->snap[i]) + BK_LEN(c->snap[i]) > ZC_BK_BLOCK);
+}
+
+/* Read the objects of the BACKED snapshots lo..hi-1 (taken under the locks, now held by B3)
+ * into c->scratch: one pread for each run of them within BIO_BLOCKS blocks.  0 or -EIO. */
+static int fetch(struct zc_ctx *c, unsigned lo, unsigned hi)
+{
+	uint32_t wlo = 0, whi = 0; /* blocks [wlo, whi) are in c->bio */
+
+	for (unsigned i = lo; i < hi; i++) {
+		uint32_t b = c->snap_block[i];
+
+		if (!b)
+			continue;
+		if (b < wlo || last_block(c, i) >= whi) {
+			uint32_t end = last_block(c, i) + 1;
+			uint64_t t0 = now_ns();
+			unsigned pages = 0;
+
+			for (unsigned j = i; j < hi; j++) /* the run this read serves */
+				if (c->snap_block[j] && c->snap_block[j] >= b &&
+				    last_block(c, j) < b + BIO_BLOCKS) {
+					end = last_block(c, j) + 1 > end ? last_block(c, j) + 1 : end;
+					pages++;
+				}
+			if (zc_backing_read(&c->s->bk, b, end - b, c->bio)) {
+				BUMP(c->st->bk_read_errors, 1);
+				return -EIO;
+			}
+			count_backing_read(c, now_ns() - t0, pages);
+			wlo = b;
+			whi = end;
+		}
+		memcpy(c->scratch + c->obj_off[i],
+		       c->bio + (uint64_t)(b - wlo) * ZC_BK_BLOCK + BK_OFF(c->snap[i]), c->obj_len[i]);
+	}
+	return 0;
+}
+
+/* The entry a BACKED entry was in the pool, for decoding (others as they are). */
+static uint64_t stored_form(uint64_t e)
+{
+	if (!PTE_IS_BACKED(e))
+		return e;
+	if (BK_CLS(e) == BK_RAW)
+		return pte_object(ZC_HUGE, 0, PTE_CSUM(e));
+	return pte_object(ZC_COMPRESSED, 0, PTE_CSUM(e)) | (BK_CLS(e) >= BK_COLD ? PTE_COLD : 0);
 }
 
 /* The page that snapshot i holds, verified (S4), into out[4096]. */
 static int materialise(struct zc_ctx *c, unsigned i, uint8_t *out)
 {
-	uint64_t e = c->snap[i];
+	uint64_t e = stored_form(c->snap[i]);
 	const uint8_t *obj = c->scratch + c->obj_off[i];
 
 	switch (PTE_STATE(e)) {
@@ -531,6 +733,8 @@ int zc_store_read(struct zc_ctx *c, uint64_t off, uint32_t len, uint8_t *out)
 	}
 	unlock_stripes(s, set);
 	BUMP(c->st->reads, n);
+	if (!rc)
+		rc = fetch(c, 0, n);
 	for (unsigned i = 0; i < n && !rc; i++) {
 		uint64_t base = (first + i) << ZC_PAGE_SHIFT;
 		uint64_t lo = off > base ? off - base : 0;
@@ -569,6 +773,8 @@ static int merge_edge(struct zc_ctx *c, uint64_t p, unsigned i, uint32_t lo, uin
 	int rc = snapshot(c, p, i, &at);
 
 	if (!rc)
+		rc = fetch(c, i, i + 1);
+	if (!rc)
 		rc = materialise(c, i, c->page);
 	release_snapshots(c, i, i + 1);
 	if (rc) { /* as the model's _integrity_error: a failed read of the page */
@@ -587,23 +793,17 @@ static void commit(struct zc_ctx *c, uint64_t first, unsigned n)
 	for (unsigned i = 0; i < n; i++) {
 		uint64_t old = publish(c->s, first + i, c->newe[i], c->newf[i]);
 
-		count_state(c, old, c->newe[i]);
+		count_state(c, first + i, old, c->newe[i]);
 		touch(c->s, first + i);
 		c->snap[i] = old;
 		CRASH_POINT("commit.page_published");
 	}
 }
 
-int zc_store_write(struct zc_ctx *c, uint64_t off, uint32_t len, const uint8_t *data)
+/* One try of zc_store_write (its arguments checked): 0 or -errno, every page as it was. */
+static int write_once(struct zc_ctx *c, uint64_t off, uint32_t len, const uint8_t *data)
 {
 	struct zc_store *s = c->s;
-
-	if (len == 0)
-		return 0;
-	if (len > ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE)
-		return -EINVAL;
-	if (off >= s->cfg.size || len > s->cfg.size - off)
-		return -EFBIG;
 	uint64_t first = off >> ZC_PAGE_SHIFT, last = (off + len - 1) >> ZC_PAGE_SHIFT;
 	unsigned n = (unsigned)(last - first + 1), i;
 	uint32_t head = (uint32_t)(off & (ZC_PAGE_SIZE - 1));
@@ -647,7 +847,33 @@ int zc_store_write(struct zc_ctx *c, uint64_t off, uint32_t len, const uint8_t *
 	BUMP(c->st->writes, n);
 	return 0;
 fail:
-	BUMP(c->st->failed_writes, 1);
+	return rc;
+}
+
+static int make_room(struct zc_ctx *c);
+
+int zc_store_write(struct zc_ctx *c, uint64_t off, uint32_t len, const uint8_t *data)
+{
+	struct zc_store *s = c->s;
+	int rc;
+
+	if (len == 0)
+		return 0;
+	if (len > ZC_MAX_REQ_PAGES * ZC_PAGE_SIZE)
+		return -EINVAL;
+	if (off >= s->cfg.size || len > s->cfg.size - off)
+		return -EFBIG;
+	rc = write_once(c, off, len, data);
+	/* WRITEBACK: at the limit, write cold pages back to make room (direct reclaim), no lock
+	 * held; a request needs at most ZC_MAX_SPAN pool pages' worth of room. */
+	for (unsigned tries = 0; rc == -ENOSPC && s->bk.fd >= 0 && tries < ZC_WB_DIRECT_TRIES;
+	     tries++) {
+		if (make_room(c))
+			break;
+		rc = write_once(c, off, len, data);
+	}
+	if (rc)
+		BUMP(c->st->failed_writes, 1);
 	return rc;
 }
 
@@ -667,7 +893,7 @@ static void clear_run(struct zc_ctx *c, uint64_t lo, uint64_t hi)
 		if (!e)
 			continue;
 		publish(s, p, 0, 0);
-		count_state(c, e, 0);
+		count_state(c, p, e, 0);
 		c->olde[n++] = e;
 	}
 	unlock_stripes(s, set);
@@ -725,7 +951,7 @@ static int zero_edges(struct zc_ctx *c, uint64_t off, uint64_t end, uint64_t ful
 	for (unsigned i = 0; i < k; i++) {
 		uint64_t old = publish(s, pages[i], c->newe[i], c->newf[i]);
 
-		count_state(c, old, c->newe[i]);
+		count_state(c, pages[i], old, c->newe[i]);
 		touch(s, pages[i]);
 		c->snap[i] = old;
 	}
@@ -756,6 +982,263 @@ int zc_store_discard(struct zc_ctx *c, uint64_t off, uint64_t len)
 	return 0;
 }
 
+/* ---- writeback (WRITEBACK) ------------------------------------------------------------- */
+
+/* Is entry e of page p one to write back now (an object in the pool, idle >= idle ticks)? */
+static int wb_candidate(struct zc_store *s, uint64_t p, uint64_t e, unsigned idle)
+{
+	unsigned st = PTE_STATE(e);
+
+	if ((st != ZC_COMPRESSED && st != ZC_HUGE) || PTE_IS_BACKED(e) || e == ZC_POISON)
+		return 0;
+	return idle_ticks_of(s, RLOAD(s->age[p])) >= idle;
+}
+
+/* A BACKED entry: class cls, len bytes at byte pos (even) of their segment, the block in fill
+ * word sel, the page's checksum csum. */
+static uint64_t pte_backed(unsigned cls, uint32_t pos, uint32_t len, unsigned sel, uint32_t csum)
+{
+	return (uint64_t)ZC_HUGE << ST_SHIFT | PTE_BACKED | (uint64_t)cls << 56 |
+	       (uint64_t)(len - 1u) << 44 | (uint64_t)sel << 43 |
+	       (uint64_t)(pos % ZC_BK_BLOCK / 2u) << 32 | csum;
+}
+
+/* The BACKED entry for pool entry e once its len bytes are at byte pos of their segment. */
+static uint64_t backed_entry(struct zc_store *s, uint64_t e, uint32_t pos, uint32_t len)
+{
+	unsigned cls = PTE_STATE(e) == ZC_HUGE ? BK_RAW : 0u;
+
+	if (PTE_IS_COLD(e))
+		cls = BK_COLD + cold_dict_of(s, e);
+	return pte_backed(cls, pos, len, 0, PTE_CSUM(e));
+}
+
+/* WRITEBACK 1: copy candidates from the hand on into the open segment's buffer, each under
+ * its stripe lock, until the segment, max_bytes or ZC_WB_MAX_OBJECTS is reached or the hand
+ * went round once.  Returns how many; *bytes gets the bytes used. */
+static unsigned wb_gather(struct zc_ctx *c, uint64_t max_bytes, unsigned idle, uint32_t *bytes,
+			  struct zc_writeback_report *r)
+{
+	struct zc_store *s = c->s;
+	uint64_t cap = max_bytes < ZC_SEG_BYTES ? max_bytes : ZC_SEG_BYTES;
+	uint32_t pos = 0;
+	unsigned n = 0;
+
+	for (uint64_t k = 0; k < s->npages && n < ZC_WB_MAX_OBJECTS && pos < cap; k++) {
+		uint64_t p = s->wb_hand, set = stripes_of(p, p), e;
+		uint32_t len = 0;
+		int got = 0;
+
+		r->scanned++;
+		if (!wb_candidate(s, p, RLOAD(s->pte[p]), idle)) {
+			s->wb_hand = (p + 1) % s->npages;
+			continue;
+		}
+		lock_stripes(s, set);
+		e = RLOAD(s->pte[p]);
+		if (wb_candidate(s, p, e, idle))
+			len = xcf_size(s->pool, PTE_HANDLE(e));
+		if (len && pos + len > ZC_SEG_BYTES) { /* full: this page starts the next batch */
+			unlock_stripes(s, set);
+			break;
+		}
+		if (len)
+			got = xcf_read(s->pool, PTE_HANDLE(e), s->bk.wbuf + pos);
+		unlock_stripes(s, set);
+		s->wb_hand = (p + 1) % s->npages;
+		if (got <= 0 || (uint32_t)got != len)
+			continue;
+		s->wb_page[n] = p;
+		s->wb_old[n] = e;
+		s->wb_pos[n] = pos;
+		s->wb_len[n] = len;
+		n++;
+		pos += len + (len & 1u); /* objects start at even bytes (BK_OFF) */
+	}
+	*bytes = pos < ZC_SEG_BYTES ? pos : ZC_SEG_BYTES;
+	return n;
+}
+
+/* WRITEBACK 4 (compaction of the file): with the open segment the last free one, copy the
+ * live objects of the emptiest segments (at least two, that fit in one) into it.  Returns how
+ * many objects; their pages, old entries and blocks are recorded as wb_gather's are. */
+static unsigned wb_relocate(struct zc_ctx *c, uint32_t *bytes)
+{
+	struct zc_store *s = c->s;
+	uint32_t victims[ZC_BK_MAX_VICTIMS];
+	unsigned nv = zc_backing_victims(&s->bk, victims, ZC_BK_MAX_VICTIMS), n = 0;
+	uint32_t pos = 0;
+
+	for (unsigned v = 0; v < nv && n < ZC_WB_MAX_OBJECTS; v++) {
+		uint64_t first = zc_seg_block(victims[v]);
+
+		if (zc_backing_read(&s->bk, first, ZC_SEG_BLOCKS, s->bk.rbuf)) { /* B1: it is stable */
+			BUMP(c->st->bk_read_errors, 1);
+			continue;
+		}
+		for (uint64_t p = 0; p < s->npages && n < ZC_WB_MAX_OBJECTS; p++) {
+			uint64_t set = stripes_of(p, p), e;
+			uint32_t block = 0;
+
+			if (!PTE_IS_BACKED(RLOAD(s->pte[p])))
+				continue;
+			lock_stripes(s, set);
+			e = RLOAD(s->pte[p]);
+			if (PTE_IS_BACKED(e))
+				block = backed_block(s, p, e);
+			unlock_stripes(s, set);
+			if (!block || zc_block_seg(block) != victims[v] || pos + BK_LEN(e) > ZC_SEG_BYTES)
+				continue;
+			memcpy(s->bk.wbuf + pos,
+			       s->bk.rbuf + (block - first) * ZC_BK_BLOCK + BK_OFF(e), BK_LEN(e));
+			s->wb_page[n] = p;
+			s->wb_old[n] = e;
+			s->wb_oldblock[n] = block;
+			s->wb_pos[n] = pos;
+			s->wb_len[n] = BK_LEN(e);
+			n++;
+			pos += BK_LEN(e) + (BK_LEN(e) & 1u);
+		}
+	}
+	*bytes = pos < ZC_SEG_BYTES ? pos : ZC_SEG_BYTES;
+	return n;
+}
+
+/* WRITEBACK 3: point every gathered (or relocated) page still holding what was copied at its
+ * place in segment seg (S5's rule: a write or discard in between wins), then free its pool
+ * object (none for a relocated one: its old place is free once its segment's live is 0). */
+static void wb_publish(struct zc_ctx *c, unsigned n, uint32_t seg, int moved,
+		       struct zc_writeback_report *r)
+{
+	struct zc_store *s = c->s;
+
+	for (unsigned i = 0; i < n; i++) {
+		uint64_t p = s->wb_page[i], e = s->wb_old[i], set = stripes_of(p, p);
+		uint32_t block = (uint32_t)(zc_seg_block(seg) + s->wb_pos[i] / ZC_BK_BLOCK);
+		uint64_t ne = moved ? pte_backed(BK_CLS(e), s->wb_pos[i], s->wb_len[i],
+						 BK_SEL(e) ^ 1u, PTE_CSUM(e))
+				    : backed_entry(s, e, s->wb_pos[i], s->wb_len[i]);
+		int done = 0;
+
+		lock_stripes(s, set);
+		if (RLOAD(s->pte[p]) == e && (!moved || backed_block(s, p, e) == s->wb_oldblock[i])) {
+			publish(s, p, ne, block);
+			count_state(c, p, e, ne);
+			done = 1;
+		}
+		unlock_stripes(s, set);
+		if (!done) {
+			r->raced++;
+		} else if (moved) {
+			r->relocated++;
+		} else {
+			free_entry(c, e);
+			r->pages++;
+			r->bytes += s->wb_len[i];
+		}
+	}
+}
+
+int zc_store_writeback(struct zc_ctx *c, uint64_t max_bytes, unsigned idle_ticks,
+		       struct zc_writeback_report *r)
+{
+	struct zc_store *s = c->s;
+	uint32_t bytes = 0;
+	int rc = 0;
+
+	memset(r, 0, sizeof(*r));
+	if (s->bk.fd < 0)
+		return -ENODEV;
+	if (idle_ticks > AGE_MAX_IDLE || max_bytes == 0)
+		return -EINVAL;
+	pthread_mutex_lock(&s->wb_lock);
+	int64_t seg = zc_backing_take(&s->bk);
+
+	if (seg < 0) {
+		BUMP(c->st->wb_full, 1);
+		pthread_mutex_unlock(&s->wb_lock);
+		return -ENOSPC;
+	}
+	/* The last free segment is kept to compact the file into (WRITEBACK 4): the file holds
+	 * new pages in all its segments but one. */
+	int moved = zc_backing_free(&s->bk) == 0;
+	unsigned n = moved ? wb_relocate(c, &bytes) : wb_gather(c, max_bytes, idle_ticks, &bytes, r);
+
+	if (moved && !n) {
+		BUMP(c->st->wb_full, 1);
+		rc = -ENOSPC;
+	} else if (n) {
+		memset(s->bk.wbuf + bytes, 0, (ZC_BK_BLOCK - bytes % ZC_BK_BLOCK) % ZC_BK_BLOCK);
+		rc = zc_backing_write(&s->bk, bytes); /* WRITEBACK 2 */
+		if (rc) {
+			BUMP(c->st->wb_errors, 1);
+			rc = -EIO; /* the pages stay in the pool: nothing was published */
+		} else {
+			BUMP(c->st->wb_writes, 1);
+			wb_publish(c, n, (uint32_t)seg, moved, r);
+			r->segments = 1;
+		}
+	}
+	zc_backing_put(&s->bk);
+	pthread_mutex_unlock(&s->wb_lock);
+	BUMP(c->st->wb_pages, r->pages);
+	BUMP(c->st->wb_bytes, r->bytes);
+	BUMP(c->st->wb_moved, r->relocated);
+	return rc;
+}
+
+/* Direct reclaim (a write at the limit): one batch of idle pages, else of any, then a bounded
+ * compaction to turn the freed object bytes into free pool pages.  0, or -errno. */
+static int make_room(struct zc_ctx *c)
+{
+	struct zc_writeback_report r;
+	int rc;
+
+	BUMP(c->st->wb_direct, 1);
+	do /* a batch that compacted the file made room in it for the next */
+		rc = zc_store_writeback(c, ZC_SEG_BYTES, 1, &r);
+	while (!rc && r.relocated && !r.pages);
+	if (!rc && !r.pages)
+		rc = zc_store_writeback(c, ZC_SEG_BYTES, 0, &r);
+	if (rc || !r.pages)
+		return rc ? rc : -ENOSPC;
+	xcf_compact(c->s->pool, ZC_WB_COMPACT_MOVES);
+	return 0;
+}
+
+/* Pages whose entry is BACKED now (a scan). */
+static uint64_t count_backed(struct zc_store *s)
+{
+	uint64_t n = 0;
+
+	for (uint64_t p = 0; p < s->npages; p++)
+		n += PTE_IS_BACKED(RLOAD(s->pte[p]));
+	return n;
+}
+
+int zc_store_set_backing(struct zc_store *s, int fd, uint64_t bytes)
+{
+	uint64_t id = s->hdr->bk_id, blocks = s->hdr->bk_blocks;
+
+	if (s->bk.fd >= 0)
+		return -EBUSY;
+	if (!count_backed(s))
+		id = 0; /* nothing in the old file is needed: this one starts anew */
+	int rc = zc_backing_open(&s->bk, fd, bytes, &id, &blocks);
+
+	if (rc)
+		return rc;
+	for (uint64_t p = 0; p < s->npages; p++) { /* B2, from the page table */
+		uint64_t e = RLOAD(s->pte[p]);
+
+		if (PTE_IS_BACKED(e))
+			zc_backing_live(&s->bk, zc_block_seg(backed_block(s, p, e)), BK_LEN(e));
+	}
+	s->hdr->bk_blocks = blocks;
+	STORE(s->hdr->bk_id, id);
+	return 0;
+}
+
 /* ---- recompression ------------------------------------------------------------------------ */
 
 void zc_store_tick(struct zc_store *s)
@@ -773,7 +1256,7 @@ static int recompress_candidate(struct zc_store *s, uint64_t p, uint64_t e, unsi
 	uint8_t a = RLOAD(s->age[p]);
 
 	if ((st != ZC_COMPRESSED && st != ZC_HUGE) || (e & PTE_COLD) || e == ZC_POISON)
-		return 0;
+		return 0; /* PTE_COLD is PTE_BACKED in a HUGE entry: written back, not recompressed */
 	return idle_ticks_of(s, a) >= idle && !(a & AGE_TRIED);
 }
 
@@ -787,7 +1270,7 @@ static int replace_if_unchanged(struct zc_ctx *c, uint64_t p, uint64_t e, uint64
 	lock_stripes(s, set);
 	if (RLOAD(s->pte[p]) == e) {
 		publish(s, p, ne, 0);
-		count_state(c, e, ne);
+		count_state(c, p, e, ne);
 		done = 1;
 	}
 	unlock_stripes(s, set);
@@ -1014,6 +1497,8 @@ uint64_t zc_store_scrub(struct zc_ctx *c, uint64_t *bad, uint64_t *pages, uint64
 		if (!rc && PTE_STATE(c->snap[0]) < ZC_COMPRESSED)
 			continue;
 		if (!rc)
+			rc = fetch(c, 0, 1);
+		if (!rc)
 			rc = materialise(c, 0, c->page);
 		release_snapshots(c, 0, 1);
 		checked++;
@@ -1037,7 +1522,10 @@ int zc_store_corrupt(struct zc_store *s, uint64_t page)
 	lock_stripes(s, set);
 	uint64_t e = RLOAD(s->pte[page]);
 
-	if (PTE_STATE(e) >= ZC_COMPRESSED)
+	if (PTE_IS_BACKED(e))
+		rc = zc_backing_corrupt(&s->bk, (uint64_t)backed_block(s, page, e) * ZC_BK_BLOCK +
+						    BK_OFF(e));
+	else if (PTE_STATE(e) >= ZC_COMPRESSED)
 		rc = xcf_corrupt(s->pool, PTE_HANDLE(e));
 	unlock_stripes(s, set);
 	return rc;
@@ -1053,8 +1541,22 @@ static void add_counters(struct zc_ctx_stats *sum, const struct zc_ctx_stats *x)
 	sum->failed_reads += RLOAD(x->failed_reads);
 	sum->failed_writes += RLOAD(x->failed_writes);
 	sum->checksum_errors += RLOAD(x->checksum_errors);
-	for (unsigned k = 0; k < 4; k++)
+	for (unsigned k = 0; k < 5; k++)
 		sum->by_state[k] += RLOAD(x->by_state[k]);
+	sum->backed_bytes += RLOAD(x->backed_bytes);
+	sum->wb_pages += RLOAD(x->wb_pages);
+	sum->wb_bytes += RLOAD(x->wb_bytes);
+	sum->wb_writes += RLOAD(x->wb_writes);
+	sum->wb_errors += RLOAD(x->wb_errors);
+	sum->wb_direct += RLOAD(x->wb_direct);
+	sum->wb_full += RLOAD(x->wb_full);
+	sum->wb_moved += RLOAD(x->wb_moved);
+	sum->bk_reads += RLOAD(x->bk_reads);
+	sum->bk_read_pages += RLOAD(x->bk_read_pages);
+	sum->bk_read_ns += RLOAD(x->bk_read_ns);
+	sum->bk_read_errors += RLOAD(x->bk_read_errors);
+	for (unsigned k = 0; k < ZC_BK_HIST; k++)
+		sum->bk_hist[k] += RLOAD(x->bk_hist[k]);
 	sum->cold_pages += RLOAD(x->cold_pages);
 	sum->cold_bytes += RLOAD(x->cold_bytes);
 	sum->recompressed += RLOAD(x->recompressed);
@@ -1075,7 +1577,7 @@ void zc_store_stats(struct zc_store *s, struct zc_store_stats *out)
 	xcf_stats(s->pool, &x);
 	memset(out, 0, sizeof(*out));
 	out->pages_stored = sum.by_state[ZC_SAME] + sum.by_state[ZC_COMPRESSED] +
-			    sum.by_state[ZC_HUGE];
+			    sum.by_state[ZC_HUGE] + sum.by_state[SLOT_BACKED];
 	out->orig_data_size = out->pages_stored * ZC_PAGE_SIZE;
 	out->compr_data_size = x.requested_bytes;
 	out->mem_used_total = x.pool_pages * ZC_PAGE_SIZE;
@@ -1104,6 +1606,25 @@ void zc_store_stats(struct zc_store *s, struct zc_store_stats *out)
 	out->recompressed = sum.recompressed;
 	out->recompress_saved_bytes = sum.saved_bytes;
 	out->epoch = RLOAD(s->hdr->epoch);
+	out->backed_pages = sum.by_state[SLOT_BACKED];
+	out->backed_bytes = sum.backed_bytes;
+	if (s->bk.fd >= 0) {
+		out->backing_bytes = (uint64_t)s->bk.nsegs * ZC_SEG_BYTES;
+		out->backing_used_bytes = (uint64_t)zc_backing_used(&s->bk) * ZC_SEG_BYTES;
+	}
+	out->writeback_pages = sum.wb_pages;
+	out->writeback_bytes = sum.wb_bytes;
+	out->writeback_writes = sum.wb_writes;
+	out->writeback_errors = sum.wb_errors;
+	out->writeback_direct = sum.wb_direct;
+	out->writeback_full = sum.wb_full;
+	out->writeback_relocated = sum.wb_moved;
+	out->backing_reads = sum.bk_reads;
+	out->backing_read_pages = sum.bk_read_pages;
+	out->backing_read_ns = sum.bk_read_ns;
+	out->backing_read_errors = sum.bk_read_errors;
+	for (unsigned k = 0; k < ZC_BK_HIST; k++)
+		out->backing_read_hist[k] = sum.bk_hist[k];
 	pthread_mutex_lock(&s->dict_lock);
 	for (unsigned id = 1; id < ZC_MAX_DICTS; id++) {
 		uint32_t len = RLOAD(s->hdr->dict_len[id]);
@@ -1154,11 +1675,14 @@ struct zc_ctx *zc_ctx_new(struct zc_store *s, int heap)
 	c->s = s;
 	c->heap = heap < 1 ? 1 : 1 + (heap - 1) % s->cfg.heaps;
 	c->scratch = malloc((size_t)ZC_MAX_SPAN * ZC_PAGE_SIZE);
-	if (!c->scratch ||
+	if (posix_memalign((void **)&c->bio, ZC_BK_BLOCK, (size_t)BIO_BLOCKS * ZC_BK_BLOCK))
+		c->bio = NULL;
+	if (!c->scratch || !c->bio ||
 	    zc_codec_init(&c->codec, s->cfg.compressor, s->cfg.level, s->cfg.huge_threshold) ||
 	    zc_codec_init_cold(&c->cold)) {
 		zc_codec_fini(&c->codec);
 		free(c->scratch);
+		free(c->bio);
 		free(c);
 		return NULL;
 	}
@@ -1195,6 +1719,7 @@ void zc_ctx_free(struct zc_ctx *c)
 	zc_codec_fini(&c->codec);
 	zc_codec_fini(&c->cold);
 	free(c->scratch);
+	free(c->bio);
 	free(c);
 }
 
@@ -1275,6 +1800,9 @@ static void store_bind(struct zc_store *s, const struct layout *l)
 		pthread_mutex_init(&s->stripes[i], NULL);
 	pthread_mutex_init(&s->ctx_lock, NULL);
 	pthread_mutex_init(&s->dict_lock, NULL);
+	pthread_mutex_init(&s->wb_lock, NULL);
+	s->bk.fd = -1;
+	s->bk.open = -1;
 }
 
 static void store_free(struct zc_store *s)
@@ -1285,6 +1813,8 @@ static void store_free(struct zc_store *s)
 		pthread_mutex_destroy(&s->stripes[i]);
 	pthread_mutex_destroy(&s->ctx_lock);
 	pthread_mutex_destroy(&s->dict_lock);
+	pthread_mutex_destroy(&s->wb_lock);
+	zc_backing_close(&s->bk);
 	for (unsigned id = 0; id < ZC_MAX_DICTS; id++)
 		zc_dict_free(&s->dicts[id]);
 	free(s->samples);
@@ -1376,6 +1906,15 @@ static void claim_objects(struct zc_store *s, struct zc_recovery *rep)
 		rep->pages++;
 		if (st < ZC_COMPRESSED || e == ZC_POISON)
 			continue;
+		if (PTE_IS_BACKED(e)) { /* in the backing file: its place must lie inside it */
+			uint64_t b = s->fill[2 * p + BK_SEL(e)];
+
+			if (b == 0 || b + (BK_OFF(e) + BK_LEN(e) > ZC_BK_BLOCK) >= s->hdr->bk_blocks) {
+				STORE(s->pte[p], ZC_POISON);
+				rep->lost_pages++;
+			}
+			continue;
+		}
 		if (xcf_recover_claim(s->pool, PTE_HANDLE(e)) == 0) {
 			rep->objects++;
 		} else {
@@ -1396,16 +1935,18 @@ static void fold_counters(struct zc_store *s)
 		memset(&s->cstats[i], 0, sizeof(s->cstats[i]));
 	}
 	memset(sum->by_state, 0, sizeof(sum->by_state));
-	sum->cold_pages = sum->cold_bytes = 0;
+	sum->cold_pages = sum->cold_bytes = sum->backed_bytes = 0;
 	for (uint64_t p = 0; p < s->npages; p++) {
 		uint64_t e = s->pte[p];
 
-		sum->by_state[PTE_STATE(e)]++;
+		sum->by_state[slot_of(e)]++;
+		dict_ref(s, e, 1);
 		if (PTE_IS_COLD(e) && e != ZC_POISON) {
 			sum->cold_pages++;
 			sum->cold_bytes += xcf_size(s->pool, PTE_HANDLE(e));
-			dict_ref(s, e, 1);
 		}
+		if (PTE_IS_BACKED(e))
+			sum->backed_bytes += BK_LEN(e);
 	}
 }
 
@@ -1428,20 +1969,12 @@ static void recover_dicts(struct zc_store *s)
 	pthread_mutex_unlock(&s->dict_lock);
 }
 
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 struct zc_store *zc_store_attach(int fd, struct zc_recovery *rep, int *err)
 {
 	struct zc_recovery local;
 	struct xcf_geometry g;
 	struct layout l;
-	uint64_t t0 = mono_ns();
+	uint64_t t0 = now_ns();
 	uint64_t freed = 0;
 	struct zc_store *s = calloc(1, sizeof(*s));
 
@@ -1476,7 +2009,7 @@ struct zc_store *zc_store_attach(int fd, struct zc_recovery *rep, int *err)
 	recover_dicts(s);
 	s->hdr->recoveries++;
 	s->hdr->lost_pages += rep->lost_pages;
-	rep->ns = mono_ns() - t0;
+	rep->ns = now_ns() - t0;
 	*err = 0;
 	return s;
 }

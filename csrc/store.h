@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "backing.h"
 #include "codec.h"
 #include "xcfmalloc.h"
 
@@ -29,7 +30,7 @@ enum zc_compressor { ZC_LZ4 = 0, ZC_ZSTD = 1 };
 
 /* Device pages at most (1 TiB): handles have 29 bits. */
 #define ZC_MAX_DEVICE_PAGES ((1ull << 28) - 1u)
-#define ZC_ARENA_VERSION 3u /* the arena's format: another one is refused by attach */
+#define ZC_ARENA_VERSION 4u /* the arena's format: another one is refused by attach */
 
 struct zc_store_config {
 	uint64_t size;           /* device bytes, a positive multiple of 4096 */
@@ -60,6 +61,26 @@ struct zc_store_stats {
 	uint64_t dicts_trained;          /* by this process */
 	uint64_t samples, sample_cap;    /* pages in the sample reservoir, and its capacity */
 	uint64_t sample_memory;          /* bytes the reservoir takes while it exists */
+	uint64_t backed_pages, backed_bytes; /* pages in the backing file, their object bytes */
+	uint64_t backing_bytes;              /* the backing file's segments (0: none) */
+	uint64_t backing_used_bytes;         /* segments holding any live object */
+	uint64_t writeback_pages, writeback_bytes; /* written back, ever */
+	uint64_t writeback_writes, writeback_errors; /* segment writes, and those that failed */
+	uint64_t writeback_direct;  /* direct reclaims: a write at the limit wrote back first */
+	uint64_t writeback_full;    /* writebacks that found no free segment */
+	uint64_t writeback_relocated; /* pages moved within the file by its compaction */
+	uint64_t backing_reads, backing_read_pages, backing_read_ns, backing_read_errors;
+	uint64_t backing_read_hist[ZC_BK_HIST]; /* reads by latency: <= 16 us << i; last: more */
+};
+
+/* What one zc_store_writeback call did. */
+struct zc_writeback_report {
+	uint64_t scanned;  /* page table entries looked at */
+	uint64_t pages;    /* written back: their entries name the backing file now */
+	uint64_t bytes;    /* their object bytes */
+	uint64_t raced;    /* written or discarded meanwhile: left to the newer entry */
+	uint64_t segments; /* segments written (0 or 1) */
+	uint64_t relocated; /* pages moved within the file (its compaction), instead */
 };
 
 /* What one zc_store_recompress call did. */
@@ -152,6 +173,24 @@ int zc_store_sample(struct zc_store *s, uint32_t pages, uint32_t stride);
 int zc_store_train_dict(struct zc_store *s, uint32_t dict_bytes, int level, unsigned *id);
 int zc_store_set_dict(struct zc_store *s, const uint8_t *bytes, uint32_t len, int level,
 		      unsigned *id);
+
+/* The writeback tier (store.c, WRITEBACK).  set_backing: use backing file or device `fd` of
+ * `bytes` bytes (the caller keeps its fd; opened O_DIRECT, preallocated).  A store whose arena
+ * has pages in a backing file takes only that file (its header names the arena's id), else
+ * -EPROTO; one without starts the file anew.  Call it before any request (it recounts the
+ * segments from the page table).  -EBUSY if the store has one already.
+ * writeback: write back one segment's worth (at most max_bytes of objects) of pages idle for
+ * >= idle_ticks ticks (0: any), from where the last call stopped.  0 and *r (r->pages 0:
+ * none found; a batch taking the last free segment instead compacts the file: it moves the
+ * live pages of its emptiest segments into it, r->relocated), -ENODEV (no backing file), -ENOSPC (no free segment), -EIO (the write failed;
+ * the pages stay in the pool).  A write that finds the pool at its limit does the same itself
+ * (direct reclaim) before it fails. */
+#define ZC_WB_MAX_OBJECTS 2048u
+#define ZC_WB_DIRECT_TRIES 8u
+#define ZC_WB_COMPACT_MOVES 2048u
+int zc_store_set_backing(struct zc_store *s, int fd, uint64_t bytes);
+int zc_store_writeback(struct zc_ctx *c, uint64_t max_bytes, unsigned idle_ticks,
+		       struct zc_writeback_report *r);
 
 /* Verify every stored page's checksum; returns pages checked, *bad gets the failures (each
  * also counted in checksum_errors) and the first max_pages of them go to pages[]. */

@@ -17,6 +17,7 @@ from zcached.config import (
     Config,
     ConfigError,
     Recompress,
+    Writeback,
     build,
     load,
     parse_duration,
@@ -37,7 +38,7 @@ def test_shipped_example_loads_and_matches_the_defaults() -> None:
 
 def test_every_key_is_documented_in_the_example() -> None:
     text = EXAMPLE.read_text()
-    for key in sorted(cfgmod._TOP_KEYS - {"compaction", "recompress"}):
+    for key in sorted(cfgmod._TOP_KEYS - {"compaction", "recompress", "writeback"}):
         assert re.search(rf"^#?\s*{key} = ", text, re.M), f"{key} missing from {EXAMPLE}"
     assert "[compaction]" in text
     for key in sorted(cfgmod._COMPACTION_KEYS):
@@ -45,6 +46,9 @@ def test_every_key_is_documented_in_the_example() -> None:
     recompress = text[text.index("[recompress]") :]
     for key in sorted(cfgmod._RECOMPRESS_KEYS):
         assert re.search(rf"^{key} = ", recompress, re.M), f"recompress.{key} missing"
+    writeback = text[text.index("[writeback]") :]
+    for key in sorted(cfgmod._WRITEBACK_KEYS):  # commented out: it needs a path and mem_limit
+        assert re.search(rf"^# {key} = ", writeback, re.M), f"writeback.{key} missing"
 
 
 @pytest.mark.parametrize(
@@ -105,6 +109,13 @@ def test_recompress_table() -> None:
     )
 
 
+def test_writeback_table() -> None:
+    raw = {"path": "/var/b.img", "size": "1G", "high_watermark": 0.8, "rate": "16M"}
+    cfg = build({"mem_limit": "64M", "writeback": raw})
+    assert cfg.writeback == Writeback("/var/b.img", 1 << 30, 0.8, 16 << 20)
+    assert cfg.writeback.enabled and not build({}).writeback.enabled
+
+
 def test_size_beyond_the_cores_one_tib_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"^size: .*1 TiB"):
         build({"size": "2T"})
@@ -156,6 +167,19 @@ def test_size_beyond_four_times_ram_is_refused() -> None:
         ({"recompress": {"dictionary": "yes"}}, r"^recompress.dictionary: expected true or false"),
         ({"recompress": {"cpu_budget": 0}}, r"^recompress.cpu_budget: must be in \(0, 1\]"),
         ({"recompress": {"cpu_budget": 2}}, r"^recompress.cpu_budget: must be in"),
+        ({"writeback": {"path": "/b"}}, r"^writeback: needs mem_limit"),
+        ({"mem_limit": "64M", "writeback": {"size": "1G"}}, r"^writeback: needs path"),
+        ({"mem_limit": "64M", "writeback": {"path": "b.img"}}, r"^writeback.path: must be an abs"),
+        ({"mem_limit": "64M", "writeback": {"path": "/b", "size": "x"}}, r"^writeback.size: bad"),
+        (
+            {"mem_limit": "64M", "writeback": {"path": "/b", "high_watermark": 2}},
+            r"^writeback.high",
+        ),
+        ({"mem_limit": "64M", "writeback": {"path": "/b", "rate": "1K"}}, r"^writeback.rate: must"),
+        (
+            {"mem_limit": "64M", "writeback": {"path": "/b", "when": 1}},
+            r"^unknown key 'writeback.w",
+        ),
     ],
 )
 def test_bad_values_name_the_key(raw: dict[str, object], pattern: str) -> None:

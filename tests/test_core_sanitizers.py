@@ -28,7 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CORE = ["arena.c", "codec.c", "xcfmalloc.c", "store.c"]  # + fuse_loop.c where needed
+CORE = ["arena.c", "backing.c", "codec.c", "xcfmalloc.c", "store.c"]  # + fuse_loop.c where needed
 LIBS = ["-llz4", "-lzstd", "-lxxhash", "-lpthread"]
 WARN = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror"]
 SAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]

@@ -57,6 +57,21 @@ class Recompress:
 
 
 @dataclass(frozen=True)
+class Writeback:
+    # With `path` set, at `high_watermark` x mem_limit cold compressed pages go to the backing
+    # file (or block device) `path` of `size` bytes, at most `rate` bytes per second in the
+    # background; a write at the limit never fails while the file has room.
+    path: str | None = None
+    size: int = 0  # bytes; 0 = a block device's whole size (a file needs one)
+    high_watermark: float = 0.9
+    rate: int = 64 << 20
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+
+@dataclass(frozen=True)
 class Config:
     size: int
     compressor: str = "lz4"
@@ -70,6 +85,7 @@ class Config:
     io_threads: int = 0  # FUSE worker threads; 0 = one per CPU
     io_spin_us: int = 0  # how long a FUSE worker spins for the next request; 0 = never
     recompress: Recompress = field(default_factory=Recompress)
+    writeback: Writeback = field(default_factory=Writeback)
 
     @property
     def worker_threads(self) -> int:
@@ -161,8 +177,10 @@ _TOP_KEYS = {
     "io_threads",
     "io_spin_us",
     "recompress",
+    "writeback",
 }
 _COMPACTION_KEYS = {"fragmentation", "cpu_budget", "interval"}
+_WRITEBACK_KEYS = {"path", "size", "high_watermark", "rate"}
 _RECOMPRESS_KEYS = {"enabled", "idle", "level", "dictionary", "cpu_budget"}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -247,6 +265,32 @@ def _recompress(table: object) -> Recompress:
     return Recompress(enabled, idle, level, dictionary, cpu)
 
 
+def _writeback(table: object, mem_limit: int) -> Writeback:
+    """The [writeback] table; missing keys take Writeback's defaults (no path: none)."""
+    w = _table(table, "writeback", _WRITEBACK_KEYS)
+    d = Writeback()
+    if "path" not in w:
+        if w:
+            raise ConfigError("writeback: needs path (the backing file or block device)")
+        return d
+    path = _typed("writeback.path", w["path"], str, "a path")
+    if not os.path.isabs(path):
+        raise ConfigError(f"writeback.path: must be an absolute path, got {path!r}")
+    if not mem_limit:
+        raise ConfigError("writeback: needs mem_limit (spilling starts at a fraction of it)")
+    size = parse_size(w.get("size", 0), "writeback.size", allow_percent=False, allow_zero=True)
+    high = _typed(
+        "writeback.high_watermark", w.get("high_watermark", d.high_watermark), float, "a number"
+    )
+    if not 0.1 <= high <= 1.0:
+        raise ConfigError(f"writeback.high_watermark: must be in [0.1, 1], got {high}")
+    rate = parse_size(w.get("rate", d.rate), "writeback.rate", allow_percent=False,
+                      page_multiple=False)  # fmt: skip
+    if rate < 256 << 10:
+        raise ConfigError(f"writeback.rate: must be at least 256K (per second), got {rate}")
+    return Writeback(path, size, high, rate)
+
+
 def build(raw: dict[str, Any]) -> Config:
     """Validate a dict of keys (file values already overridden by flags) into a Config."""
     for k in raw:
@@ -288,6 +332,7 @@ def build(raw: dict[str, Any]) -> Config:
     parse_listen(listen, "metrics_listen")
     compaction = _compaction(raw.get("compaction", {}))
     recompress = _recompress(raw.get("recompress", {}))
+    writeback = _writeback(raw.get("writeback", {}), mem_limit)
     threads = raw.get("io_threads", "auto")
     if threads == "auto":
         threads = 0
@@ -313,6 +358,7 @@ def build(raw: dict[str, Any]) -> Config:
         io_threads=threads,
         io_spin_us=spin,
         recompress=recompress,
+        writeback=writeback,
     )
 
 
@@ -333,6 +379,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Recompress",
+    "Writeback",
     "build",
     "load",
     "parse_duration",

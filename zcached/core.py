@@ -224,7 +224,25 @@ class CoreStore:
 
     def raw_stats(self) -> dict[str, int]:
         """Every counter of the core, including objects, metadata and arena bytes."""
-        return {k: int(v) for k, v in self.core.stats().items()}
+        return {k: int(v) for k, v in self.core.stats().items() if not isinstance(v, tuple)}
+
+    def backing_read_hist(self) -> list[int]:
+        """Reads of the backing file by latency: bucket i counts those <= 16 us << i, the
+        last one the rest (csrc/store.h, backing_read_hist)."""
+        return [int(v) for v in self.core.stats()["backing_read_hist"]]
+
+    def set_backing(self, fd: int, size: int) -> None:
+        """Give the store its writeback tier's backing file (csrc/store.h, set_backing)."""
+        try:
+            self.core.set_backing(fd, size)
+        except OSError as e:
+            raise _store_error(e, "backing file") from e
+
+    def writeback(self, max_bytes: int, idle_ticks: int) -> dict[str, int]:
+        """Write back at most one segment of pages idle for ``idle_ticks`` ticks (0: any);
+        the report (struct zc_writeback_report).  OSError: ENODEV (no backing file), ENOSPC
+        (the file is full), EIO (the write failed; the pages stayed in the pool)."""
+        return {k: int(v) for k, v in self.core.writeback(max_bytes, idle_ticks).items()}
 
     def memfd(self) -> int:
         return int(self.core.memfd())

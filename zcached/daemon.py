@@ -37,7 +37,7 @@ import stat
 import time
 from collections.abc import Iterator
 
-from zcached import _core, keeper
+from zcached import _core, keeper, writeback
 from zcached import swap as swapmod
 from zcached.compactor import CompactionPolicy
 from zcached.config import Config, ConfigError
@@ -250,6 +250,22 @@ def _make_arena(cfg: Config, nthreads: int) -> int:
     return keeper.make_arena(store)
 
 
+def _open_backing(cfg: Config, stack: contextlib.ExitStack) -> tuple[int, int] | None:
+    """The writeback tier's backing file, opened (and made, preallocated) by the keeper, which
+    keeps it across servers; DaemonError before anything is mounted if it cannot be."""
+    wb = cfg.writeback
+    if wb.path is None:
+        return None
+    try:
+        fd, size = writeback.open_backing(wb.path, wb.size)
+    except writeback.BackingError as e:
+        raise DaemonError(str(e)) from None
+    stack.callback(os.close, fd)
+    log.info("writeback: %s, %d MiB, from %.0f%% of mem_limit", wb.path, size >> 20,
+             wb.high_watermark * 100)  # fmt: skip
+    return fd, size
+
+
 def _activate_swap(cfg: Config, stack: contextlib.ExitStack, image: str) -> str:
     """losetup (direct I/O) + mkswap + swapon on ``stack``; returns the loop device."""
     dev = stack.enter_context(swapmod.loop(image))
@@ -351,12 +367,13 @@ def _keep(
     stack.callback(os.close, arena_fd)
     hold = _core.Hold(arena_fd)
     stack.callback(hold.close)
+    backing = _open_backing(cfg, stack)
     mnt = FuseMount(cfg.mountpoint)
     mnt.mount()
     stack.callback(mnt.close)
     fds = keeper.clone_fds(mnt, nthreads)
     stack.callback(state.remove)
-    sup = keeper.Supervisor(arena_fd, fds, hold, state, args, real)
+    sup = keeper.Supervisor(arena_fd, fds, hold, state, args, real, backing)
     stack.callback(sup.stop)
     sup.start(stop.is_set)
     stack.callback(mnt.unmount)
@@ -435,4 +452,6 @@ def config_overrides(cfg: Config) -> dict[str, object]:
         "io_threads": cfg.io_threads,
         "compaction": {"interval": c.interval, "fragmentation": c.fragmentation,
                        "cpu_budget": c.cpu_budget},
+        **({"writeback": {"path": w.path, "size": w.size, "high_watermark": w.high_watermark,
+                          "rate": w.rate}} if (w := cfg.writeback).path else {}),
     }  # fmt: skip

@@ -108,10 +108,11 @@ class Supervisor:
 
     def __init__(
         self, arena_fd: int, fds: list[int], hold: _core.Hold, state: KeeperState,
-        args: ServerArgs, mountpoint: str,
+        args: ServerArgs, mountpoint: str, backing: tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
         self.mountpoint = mountpoint  # resolved before the mount (a stat would block on it)
         self.arena_fd = arena_fd
+        self.backing = backing  # the writeback tier's file (descriptor, bytes), kept here
         self.fds = fds
         self.hold = hold
         self.state = state
@@ -327,9 +328,13 @@ class Supervisor:
             argv += ["--config", args.config]
         if args.verbose:
             argv.append("-v")
+        extra: tuple[int, ...] = ()
+        if self.backing is not None:
+            argv += ["--backing-fd", str(self.backing[0]), "--backing-size", str(self.backing[1])]
+            extra = (self.backing[0],)
         try:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, pass_fds=(self.arena_fd, *self.fds, w),
+                argv, stdin=subprocess.DEVNULL, pass_fds=(self.arena_fd, *self.fds, w, *extra),
                 start_new_session=True,
             )  # fmt: skip
         except BaseException:

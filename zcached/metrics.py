@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from zcached import __version__ as _VERSION
 
 DEFAULT_LISTEN = "127.0.0.1:9273"
+BACKING_HIST = 10  # csrc/backing.h ZC_BK_HIST
 
 
 class CompactorLike(Protocol):
@@ -113,6 +114,7 @@ class ZcachedCollector(Collector):
         raw_stats = getattr(self.store, "raw_stats", None)
         raw: Mapping[str, int] = raw_stats() if raw_stats is not None else {}
         yield from self._survival(raw)
+        yield from self._backing(raw, getattr(self.store, "backing_read_hist", None))
         yield from self._codecs(s, raw, str(getattr(self.store, "compressor", "lz4")))
 
         alloc = getattr(self.store, "allocator", None)
@@ -242,7 +244,7 @@ class ZcachedCollector(Collector):
         pages, the cold format) and raw (huge pages); recompression's totals."""
         cold, cold_bytes = raw.get("cold_pages", 0), raw.get("cold_bytes", 0)
         huge = s.huge_pages
-        fast = s.pages_stored - s.same_pages - huge - cold
+        fast = s.pages_stored - s.same_pages - huge - cold - raw.get("backed_pages", 0)
         fast_bytes = s.compr_data_size - cold_bytes - huge * 4096
         pages = GaugeMetricFamily(
             "zcached_codec_pages", "Pages stored, per format.", labels=["codec"]
@@ -280,6 +282,60 @@ class ZcachedCollector(Collector):
             "zcached_dictionary_sample_bytes",
             "Memory of the sample reservoir while a dictionary is being sampled for.",
             value=raw.get("sample_memory", 0),
+        )
+
+    @staticmethod
+    def _backing(raw: Mapping[str, int], hist: Callable[[], list[int]] | None) -> Iterable[Metric]:
+        """The writeback tier (zeros without a backing file)."""
+        g, c = GaugeMetricFamily, CounterMetricFamily
+        yield g("zcached_backing_pages", "Pages written back to the backing file.",
+                value=raw.get("backed_pages", 0))  # fmt: skip
+        yield g("zcached_backing_object_bytes", "Compressed bytes of the backing file's pages.",
+                value=raw.get("backed_bytes", 0))  # fmt: skip
+        yield g("zcached_backing_size_bytes", "Bytes of the backing file's segments (0: none).",
+                value=raw.get("backing_bytes", 0))  # fmt: skip
+        yield g(
+            "zcached_backing_used_bytes",
+            "Bytes of the backing file's segments holding any live object (their unused part"
+            " is its fragmentation).",
+            value=raw.get("backing_used_bytes", 0),
+        )
+        yield c(
+            "zcached_writeback_pages", "Pages written back.", value=raw.get("writeback_pages", 0)
+        )
+        yield c("zcached_writeback_bytes", "Compressed bytes written back.",
+                value=raw.get("writeback_bytes", 0))  # fmt: skip
+        yield c("zcached_writeback_segment_writes", "Segment writes to the backing file.",
+                value=raw.get("writeback_writes", 0))  # fmt: skip
+        yield c("zcached_writeback_errors", "Segment writes that failed (the pages stayed in RAM).",
+                value=raw.get("writeback_errors", 0))  # fmt: skip
+        yield c(
+            "zcached_writeback_direct",
+            "Writes that found the pool at its limit and wrote pages back themselves.",
+            value=raw.get("writeback_direct", 0),
+        )
+        yield c("zcached_writeback_full", "Writebacks that found the backing file full.",
+                value=raw.get("writeback_full", 0))  # fmt: skip
+        yield c(
+            "zcached_writeback_relocated_pages",
+            "Pages moved within the backing file by its compaction (emptiest segments first).",
+            value=raw.get("writeback_relocated", 0),
+        )
+        yield c("zcached_backing_read_pages", "Pages read back from the backing file.",
+                value=raw.get("backing_read_pages", 0))  # fmt: skip
+        yield c("zcached_backing_read_errors", "Reads of the backing file that failed.",
+                value=raw.get("backing_read_errors", 0))  # fmt: skip
+        counts = hist() if hist is not None else [0] * BACKING_HIST
+        acc, cum = 0, []
+        for i, n in enumerate(counts):
+            acc += n
+            le = repr(16e-6 * (1 << i)) if i + 1 < len(counts) else "+Inf"
+            cum.append((le, float(acc)))
+        yield HistogramMetricFamily(
+            "zcached_backing_read_duration_seconds",
+            "Latency of reads of the backing file (one per run of adjacent pages).",
+            buckets=cum,
+            sum_value=raw.get("backing_read_ns", 0) / 1e9,
         )
 
     @staticmethod
@@ -380,6 +436,9 @@ def status_document(
         doc["recompressed_pages"] = raw.get("cold_pages", 0)
         doc["recompressed_bytes"] = raw.get("cold_bytes", 0)
         doc["dictionaries"] = raw.get("dicts", 0)
+        doc["backed_pages"] = raw.get("backed_pages", 0)
+        doc["backed_bytes"] = raw.get("backed_bytes", 0)
+        doc["backing_bytes"] = raw.get("backing_bytes", 0)
     if info is not None:
         doc.update(info())
     return doc

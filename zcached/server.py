@@ -22,6 +22,7 @@ fails after that costs the compactor or the metrics (logged), never the data pat
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from zcached.core import CoreFuseLoop, CoreStore
     from zcached.metrics import Exporter
     from zcached.recompressor import Recompressor
+    from zcached.writeback import Writeback
 
 log = logging.getLogger("zcached")
 
@@ -55,6 +57,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--generation", type=int, default=0)
     p.add_argument("--file-name", default="swap.img")
     p.add_argument("--mountpoint", required=True, help="its real path (the keeper resolved it)")
+    p.add_argument("--backing-fd", type=int, default=-1, help="the writeback tier's file")
+    p.add_argument("--backing-size", type=int, default=0)
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -103,6 +107,7 @@ def serve(args: argparse.Namespace) -> int:
     fds = [int(x) for x in args.fuse_fds.split(",")]
     t0 = time.monotonic()
     core = _core.Store(attach=args.arena_fd)
+    backing_error = _set_backing(core, args)  # before any request: it recounts the segments
     fuse = _core.Fuse(core, fds[0], args.file_name, fds=fds)
     fuse.start()
     tell_keeper(args.ready_fd, b"R")
@@ -128,6 +133,11 @@ def serve(args: argparse.Namespace) -> int:
         )
     if loop.io_flusher_failed:
         log.warning("prctl(PR_SET_IO_FLUSHER) failed in the FUSE workers (needs CAP_SYS_RESOURCE)")
+    if args.backing_fd < 0 and store.raw_stats()["backed_pages"]:
+        backing_error = "none configured, and this store has pages in one"
+    if backing_error:
+        log.error("backing file: %s (no writeback; pages already in it read as I/O errors)",
+                  backing_error)  # fmt: skip
     if rec.get("lost_pages"):
         log.error("%d pages named no valid object: they read as I/O errors", rec["lost_pages"])
     try:
@@ -140,6 +150,7 @@ def serve(args: argparse.Namespace) -> int:
     loop.set_spin(cfg.io_spin_us)
     compactor = _start_compactor(cfg, store, signals)
     recompressor = _start_recompressor(cfg, store, compactor.trigger)
+    spiller = _start_writeback(cfg, store) if args.backing_fd >= 0 and not backing_error else None
     info: dict[str, object] = {
         "algorithm": store.compressor,
         "mountpoint": args.mountpoint,  # never stat the mount here: its attributes are cached
@@ -158,6 +169,8 @@ def serve(args: argparse.Namespace) -> int:
     compactor.stop()
     if recompressor is not None:
         recompressor.stop()
+    if spiller is not None:
+        spiller.stop()
     if exporter is not None:
         exporter.close()
     return 0
@@ -180,6 +193,31 @@ def _start_compactor(cfg: cfgmod.Config, store: CoreStore, signals: Signals) -> 
     compactor.start()
     signals.on_compact(compactor.trigger)
     return compactor
+
+
+def _set_backing(core: _core.Store, args: argparse.Namespace) -> str | None:
+    """Give the store the keeper's backing file; why not, or None."""
+    if args.backing_fd < 0:
+        return None
+    try:
+        core.set_backing(args.backing_fd, args.backing_size)
+    except OSError as e:
+        if e.errno == errno.EPROTO:
+            return "it is not the file this store's pages were written back to"
+        return e.strerror or str(e)
+    return None
+
+
+def _start_writeback(cfg: cfgmod.Config, store: CoreStore) -> Writeback | None:
+    from zcached.writeback import Writeback, WritebackPolicy
+
+    wb = cfg.writeback
+    if not wb.enabled or not cfg.mem_limit:
+        return None
+    policy = WritebackPolicy(cfg.mem_limit, high_watermark=wb.high_watermark, rate=wb.rate)
+    spiller = Writeback(store, policy, compact=store.allocator.compact, thread_init=_flusher)
+    spiller.start()
+    return spiller
 
 
 def _start_recompressor(

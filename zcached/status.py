@@ -24,6 +24,7 @@ COLUMNS = (
     ("RATIO", "ratio"),
     ("SAME", "same_pages"),
     ("HUGE", "huge_pages"),
+    ("BACKED", "backed_bytes"),
     ("MOUNTPOINT", "mountpoint"),
     ("LOOP", "loop_device"),
     ("PRIO", "swap_priority"),
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
-    bytes_keys = {"size", "orig_data_size", "compr_data_size", "mem_used_total"}
+    bytes_keys = {"size", "orig_data_size", "compr_data_size", "mem_used_total", "backed_bytes"}
     row = [
         human(doc.get(k)) if k in bytes_keys else ("-" if doc.get(k) is None else str(doc[k]))
         for _, k in COLUMNS
