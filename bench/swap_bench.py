@@ -328,14 +328,15 @@ class Daemon:
             doc: dict[str, Any] = json.loads(r.read())
             return doc
 
-    def counters(self) -> dict[str, float]:
+    def counters(self, names: dict[str, str] | None = None) -> dict[str, float]:
         """The daemon's work so far, from /metrics: pages read/written/discarded, FUSE READ and
-        WRITE requests (so pages per request), compaction seconds."""
+        WRITE requests (so pages per request), compaction seconds; or the samples ``names``
+        maps to the keys it gives them."""
         from prometheus_client.parser import text_string_to_metric_families
 
         with urllib.request.urlopen(f"http://{self.addr}/metrics", timeout=10) as r:
             text = r.read().decode()
-        want = {
+        want = names or {
             "zcached_reads_total": "pages_read",
             "zcached_writes_total": "pages_written",
             "zcached_discards_total": "pages_discarded",

@@ -59,7 +59,7 @@ def zcached_limited(size: int, pool: int) -> Iterator[tuple[str, Callable[[], di
                     "orig_data_size": st.get("orig_data_size"),
                     "mem_used_total": st.get("mem_used_total"),
                     "backed_bytes": st.get("backed_bytes"),
-                    "daemon": d.counters() | _wb_counters(d.addr),
+                    "daemon": d.counters() | d.counters(WB_COUNTERS),
                 }
 
             yield d.device, mem
@@ -67,30 +67,17 @@ def zcached_limited(size: int, pool: int) -> Iterator[tuple[str, Callable[[], di
             d.stop()
 
 
-def _wb_counters(addr: str) -> dict[str, float]:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    want = {
-        "zcached_pool_bytes_max": "pool_bytes_max",
-        "zcached_backing_pages": "backed_pages",
-        "zcached_writeback_pages_total": "writeback_pages",
-        "zcached_writeback_direct_total": "direct_reclaims",
-        "zcached_failed_writes_total": "failed_writes",
-        "zcached_failed_reads_total": "failed_reads",
-        "zcached_backing_read_pages_total": "backing_read_pages",
-        "zcached_backing_read_duration_seconds_sum": "backing_read_s",
-        "zcached_backing_read_duration_seconds_count": "backing_reads",
-    }
-    return {
-        want[s.name]: s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name in want
-    }
+WB_COUNTERS = {
+    "zcached_pool_bytes_max": "pool_bytes_max",
+    "zcached_backing_pages": "backed_pages",
+    "zcached_writeback_pages_total": "writeback_pages",
+    "zcached_writeback_direct_total": "direct_reclaims",
+    "zcached_failed_writes_total": "failed_writes",
+    "zcached_failed_reads_total": "failed_reads",
+    "zcached_backing_read_pages_total": "backing_read_pages",
+    "zcached_backing_read_duration_seconds_sum": "backing_read_s",
+    "zcached_backing_read_duration_seconds_count": "backing_reads",
+}
 
 
 @contextlib.contextmanager
@@ -161,13 +148,13 @@ def _read_latency(corpus: bytes, pool: int, runtime: float) -> dict[str, Any]:
             fill_direct(d.device, corpus)
             time.sleep(1.0)  # the background writeback brings the pool under its watermark
             backed = int(d.status().get("backed_bytes") or 0)
-            pages = int(_wb_counters(d.addr)["backed_pages"])
+            pages = int(d.counters(WB_COUNTERS)["backed_pages"])
             region = max(1, int(pages * 0.8)) * 4096  # the first pages: written back first
             loop = _losetup(d.device)
             try:
-                m0 = _wb_counters(d.addr)
+                m0 = d.counters(WB_COUNTERS)
                 r = fio_qd1(loop, region, runtime)
-                m1 = _wb_counters(d.addr)
+                m1 = d.counters(WB_COUNTERS)
             finally:
                 _detach(loop)
             served = m1["backing_read_pages"] - m0["backing_read_pages"]
