@@ -364,9 +364,13 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def zcached_swap(size: int) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+def zcached_swap(
+    size: int, extra: list[str] | None = None, counters: dict[str, str] | None = None
+) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    """The daemon as the swap device (``extra``: more ``zcached run`` flags); ``mem()`` also
+    reads the /metrics samples ``counters`` names (Daemon.counters)."""
     with tempfile.TemporaryDirectory(prefix="zcached-swapbench-") as tmp:
-        d = Daemon(size, tmp)
+        d = Daemon(size, tmp, extra=extra)
         try:
             d.start()
             assert d.proc is not None
@@ -383,7 +387,7 @@ def zcached_swap(size: int) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]
                     "daemon_rss_growth_bytes": pss(pids) - rss0,
                     "daemon_rss_idle_bytes": rss0,
                     "daemon_cpu_s": round(cpu_seconds(pids) - cpu0, 2),
-                    "daemon": d.counters(),
+                    "daemon": d.counters() | (d.counters(counters) if counters else {}),
                 }
 
             yield d.device, mem

@@ -40,33 +40,6 @@ def _config(work: str, pool: int, backing: Path, backing_size: int) -> Path:
     return conf
 
 
-@contextlib.contextmanager
-def zcached_limited(size: int, pool: int) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
-    from bench.swap_bench import Daemon, swap_used
-
-    with tempfile.TemporaryDirectory(prefix="zcached-wb-", dir=DISK_DIR) as work:
-        backing = Path(work) / "backing.img"
-        conf = _config(work, pool, backing, size)
-        os.mkdir(Path(work) / "d")
-        d = Daemon(size, str(Path(work) / "d"), extra=["--config", str(conf)])
-        try:
-            d.start()
-
-            def mem() -> dict[str, Any]:
-                st = d.status()
-                return {
-                    "swap_used_bytes": swap_used(d.device),
-                    "orig_data_size": st.get("orig_data_size"),
-                    "mem_used_total": st.get("mem_used_total"),
-                    "backed_bytes": st.get("backed_bytes"),
-                    "daemon": d.counters() | d.counters(WB_COUNTERS),
-                }
-
-            yield d.device, mem
-        finally:
-            d.stop()
-
-
 WB_COUNTERS = {
     "zcached_pool_bytes_max": "pool_bytes_max",
     "zcached_backing_pages": "backed_pages",
@@ -78,6 +51,18 @@ WB_COUNTERS = {
     "zcached_backing_read_duration_seconds_sum": "backing_read_s",
     "zcached_backing_read_duration_seconds_count": "backing_reads",
 }
+
+
+@contextlib.contextmanager
+def zcached_limited(size: int, pool: int) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    """bench/swap_bench's daemon as the swap device, with ``mem_limit`` pool and a backing
+    file of ``size`` bytes on the root disk."""
+    from bench.swap_bench import zcached_swap
+
+    with tempfile.TemporaryDirectory(prefix="zcached-wb-", dir=DISK_DIR) as work:
+        conf = _config(work, pool, Path(work) / "backing.img", size)
+        with zcached_swap(size, ["--config", str(conf)], WB_COUNTERS) as swap:
+            yield swap
 
 
 @contextlib.contextmanager

@@ -87,7 +87,8 @@ static int check_header(int fd, uint64_t id, uint64_t blocks)
 	ssize_t n = pread(fd, blk, ZC_BK_BLOCK, 0);
 
 	rc = n == (ssize_t)ZC_BK_BLOCK ? 0 : n < 0 ? -errno : -EPROTO;
-	memcpy(&h, blk, sizeof(h));
+	if (!rc)
+		memcpy(&h, blk, sizeof(h));
 	if (!rc && (memcmp(h.magic, BK_MAGIC, 8) || h.id != id || h.blocks != blocks ||
 		    h.seg_blocks != ZC_SEG_BLOCKS || h.block != ZC_BK_BLOCK))
 		rc = -EPROTO;

@@ -498,11 +498,17 @@ static uint64_t publish(struct zc_store *s, uint64_t p, uint64_t e, uint32_t fil
 	return old;
 }
 
-static void free_entry(struct zc_ctx *c, uint64_t e)
+/* Does entry e name an object in the pool (COMPRESSED or HUGE, not BACKED)? */
+static int pool_object(uint64_t e)
 {
 	unsigned st = PTE_STATE(e);
 
-	if ((st == ZC_COMPRESSED || st == ZC_HUGE) && !PTE_IS_BACKED(e))
+	return (st == ZC_COMPRESSED || st == ZC_HUGE) && !PTE_IS_BACKED(e);
+}
+
+static void free_entry(struct zc_ctx *c, uint64_t e)
+{
+	if (pool_object(e))
 		xcf_free(c->s->pool, c->heap, PTE_HANDLE(e));
 }
 
@@ -987,9 +993,7 @@ int zc_store_discard(struct zc_ctx *c, uint64_t off, uint64_t len)
 /* Is entry e of page p one to write back now (an object in the pool, idle >= idle ticks)? */
 static int wb_candidate(struct zc_store *s, uint64_t p, uint64_t e, unsigned idle)
 {
-	unsigned st = PTE_STATE(e);
-
-	if ((st != ZC_COMPRESSED && st != ZC_HUGE) || PTE_IS_BACKED(e) || e == ZC_POISON)
+	if (!pool_object(e) || e == ZC_POISON)
 		return 0;
 	return idle_ticks_of(s, RLOAD(s->age[p])) >= idle;
 }
@@ -1252,11 +1256,10 @@ void zc_store_tick(struct zc_store *s)
 /* Is entry e, with age byte a, one to recompress now? */
 static int recompress_candidate(struct zc_store *s, uint64_t p, uint64_t e, unsigned idle)
 {
-	unsigned st = PTE_STATE(e);
 	uint8_t a = RLOAD(s->age[p]);
 
-	if ((st != ZC_COMPRESSED && st != ZC_HUGE) || (e & PTE_COLD) || e == ZC_POISON)
-		return 0; /* PTE_COLD is PTE_BACKED in a HUGE entry: written back, not recompressed */
+	if (!pool_object(e) || PTE_IS_COLD(e) || e == ZC_POISON)
+		return 0;
 	return idle_ticks_of(s, a) >= idle && !(a & AGE_TRIED);
 }
 

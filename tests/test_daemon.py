@@ -393,6 +393,15 @@ def expect_line(p: subprocess.Popen[str], want: str) -> None:
     assert line == want, f"workload said {line!r} (exit {p.poll()})"
 
 
+def verify_all(w: subprocess.Popen[str]) -> None:
+    """Let the workload read back and check every page; it must say "ok" and exit 0."""
+    assert w.stdin is not None
+    w.stdin.write("verify\n")
+    w.stdin.flush()
+    expect_line(w, "ok")
+    assert w.wait(timeout=HANG) == 0
+
+
 def start_swap_daemon(
     daemon_factory: Callable[..., Daemon], *, env: dict[str, str] | None = None,
     session: bool = False,
@@ -426,11 +435,7 @@ def test_real_swap_pages_go_out_and_come_back(
         expect_line(w, "allocated")
         used_kib = swap_used_kib(dev)
         assert used_kib * 1024 >= (ALLOC - LIMIT) // 2, f"{used_kib} KiB on {dev}"
-        assert w.stdin is not None
-        w.stdin.write("verify\n")
-        w.stdin.flush()
-        expect_line(w, "ok")
-        assert w.wait(timeout=HANG) == 0
+        verify_all(w)
     m = d.metrics()
     overflow_pages = (ALLOC - LIMIT) // PAGE
     written = m["zcached_writes_total"] - m0["zcached_writes_total"]

@@ -28,7 +28,14 @@ from conftest import HANG, Daemon, active_swaps, run_cli, traces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import assert_refused
-from test_daemon import NOTHING, assert_unlimited_memcg, expect_line, memory_cgroup, workload
+from test_daemon import (
+    NOTHING,
+    assert_unlimited_memcg,
+    expect_line,
+    memory_cgroup,
+    verify_all,
+    workload,
+)
 from test_keeper import server_pid, wait_new_server
 
 from zcached.core import CoreStore, StoreError
@@ -327,11 +334,7 @@ def test_real_swap_at_the_memory_limit_spills_and_survives_a_server_kill(
         old = server_pid(d)
         os.kill(old, 9)  # pages in the file now; the next server finds them
         wait_new_server(d, old)
-        assert w.stdin is not None
-        w.stdin.write("verify\n")
-        w.stdin.flush()
-        expect_line(w, "ok")
-        assert w.wait(timeout=HANG) == 0
+        verify_all(w)
     m = d.metrics()
     assert m["zcached_failed_writes_total"] == 0 and m["zcached_failed_reads_total"] == 0
     assert m["zcached_pool_bytes_max"] <= WB_LIMIT

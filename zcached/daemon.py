@@ -254,7 +254,7 @@ def _open_backing(cfg: Config, stack: contextlib.ExitStack) -> tuple[int, int] |
     """The writeback tier's backing file, opened (and made, preallocated) by the keeper, which
     keeps it across servers; DaemonError before anything is mounted if it cannot be."""
     wb = cfg.writeback
-    if wb.path is None:
+    if wb.path is None:  # not enabled
         return None
     try:
         fd, size = writeback.open_backing(wb.path, wb.size)

@@ -284,47 +284,42 @@ class ZcachedCollector(Collector):
             value=raw.get("sample_memory", 0),
         )
 
-    @staticmethod
-    def _backing(raw: Mapping[str, int], hist: Callable[[], list[int]] | None) -> Iterable[Metric]:
+    # The writeback tier's gauges and counters: (counter?, name, help, raw_stats key).
+    BACKING = (
+        (False, "zcached_backing_pages", "Pages written back to the backing file.",
+         "backed_pages"),
+        (False, "zcached_backing_object_bytes", "Compressed bytes of the backing file's pages.",
+         "backed_bytes"),
+        (False, "zcached_backing_size_bytes", "Bytes of the backing file's segments (0: none).",
+         "backing_bytes"),
+        (False, "zcached_backing_used_bytes", "Bytes of the backing file's segments holding any"
+         " live object (their unused part is its fragmentation).", "backing_used_bytes"),
+        (True, "zcached_writeback_pages", "Pages written back.", "writeback_pages"),
+        (True, "zcached_writeback_bytes", "Compressed bytes written back.", "writeback_bytes"),
+        (True, "zcached_writeback_segment_writes", "Segment writes to the backing file.",
+         "writeback_writes"),
+        (True, "zcached_writeback_errors", "Segment writes that failed (the pages stayed in"
+         " RAM).", "writeback_errors"),
+        (True, "zcached_writeback_direct", "Writes that found the pool at its limit and wrote"
+         " pages back themselves.", "writeback_direct"),
+        (True, "zcached_writeback_full", "Writebacks that found the backing file full.",
+         "writeback_full"),
+        (True, "zcached_writeback_relocated_pages", "Pages moved within the backing file by its"
+         " compaction (emptiest segments first).", "writeback_relocated"),
+        (True, "zcached_backing_read_pages", "Pages read back from the backing file.",
+         "backing_read_pages"),
+        (True, "zcached_backing_read_errors", "Reads of the backing file that failed.",
+         "backing_read_errors"),
+    )  # fmt: skip
+
+    @classmethod
+    def _backing(
+        cls, raw: Mapping[str, int], hist: Callable[[], list[int]] | None
+    ) -> Iterable[Metric]:
         """The writeback tier (zeros without a backing file)."""
-        g, c = GaugeMetricFamily, CounterMetricFamily
-        yield g("zcached_backing_pages", "Pages written back to the backing file.",
-                value=raw.get("backed_pages", 0))  # fmt: skip
-        yield g("zcached_backing_object_bytes", "Compressed bytes of the backing file's pages.",
-                value=raw.get("backed_bytes", 0))  # fmt: skip
-        yield g("zcached_backing_size_bytes", "Bytes of the backing file's segments (0: none).",
-                value=raw.get("backing_bytes", 0))  # fmt: skip
-        yield g(
-            "zcached_backing_used_bytes",
-            "Bytes of the backing file's segments holding any live object (their unused part"
-            " is its fragmentation).",
-            value=raw.get("backing_used_bytes", 0),
-        )
-        yield c(
-            "zcached_writeback_pages", "Pages written back.", value=raw.get("writeback_pages", 0)
-        )
-        yield c("zcached_writeback_bytes", "Compressed bytes written back.",
-                value=raw.get("writeback_bytes", 0))  # fmt: skip
-        yield c("zcached_writeback_segment_writes", "Segment writes to the backing file.",
-                value=raw.get("writeback_writes", 0))  # fmt: skip
-        yield c("zcached_writeback_errors", "Segment writes that failed (the pages stayed in RAM).",
-                value=raw.get("writeback_errors", 0))  # fmt: skip
-        yield c(
-            "zcached_writeback_direct",
-            "Writes that found the pool at its limit and wrote pages back themselves.",
-            value=raw.get("writeback_direct", 0),
-        )
-        yield c("zcached_writeback_full", "Writebacks that found the backing file full.",
-                value=raw.get("writeback_full", 0))  # fmt: skip
-        yield c(
-            "zcached_writeback_relocated_pages",
-            "Pages moved within the backing file by its compaction (emptiest segments first).",
-            value=raw.get("writeback_relocated", 0),
-        )
-        yield c("zcached_backing_read_pages", "Pages read back from the backing file.",
-                value=raw.get("backing_read_pages", 0))  # fmt: skip
-        yield c("zcached_backing_read_errors", "Reads of the backing file that failed.",
-                value=raw.get("backing_read_errors", 0))  # fmt: skip
+        for counter, name, doc, key in cls.BACKING:
+            family = CounterMetricFamily if counter else GaugeMetricFamily
+            yield family(name, doc, value=raw.get(key, 0))
         counts = hist() if hist is not None else [0] * BACKING_HIST
         acc, cum = 0, []
         for i, n in enumerate(counts):

@@ -41,11 +41,12 @@ bytes_before, bytes_after).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+from zcached.background import BackgroundThread
 
 log = logging.getLogger("zcached.recompressor")
 
@@ -109,7 +110,7 @@ class RecompressPolicy:
         return self.idle / IDLE_TICKS
 
 
-class Recompressor:
+class Recompressor(BackgroundThread):
     """Runs the policy on ``store`` in a daemon thread between :meth:`start` and :meth:`stop`."""
 
     def __init__(
@@ -120,6 +121,7 @@ class Recompressor:
         thread_init: Callable[[], None] | None = None,
         compact: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__("zcached-recompress", thread_init)
         self.store = store
         self._compact = compact
         self.policy = policy
@@ -129,22 +131,8 @@ class Recompressor:
         self.trainings = 0
         self.baseline: float | None = None  # the current dictionary's first ratio
         self.totals = dict.fromkeys(REPORT_KEYS, 0)
-        self._thread_init = thread_init
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="zcached-recompress", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def _run(self) -> None:
-        if self._thread_init is not None:
-            self._thread_init()
         if self.policy.dictionary and not self.store.raw_stats()["dict_current"]:
             self._start_sampling()
         next_tick = time.monotonic() + self.policy.tick_seconds

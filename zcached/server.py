@@ -212,7 +212,7 @@ def _start_writeback(cfg: cfgmod.Config, store: CoreStore) -> Writeback | None:
     from zcached.writeback import Writeback, WritebackPolicy
 
     wb = cfg.writeback
-    if not wb.enabled or not cfg.mem_limit:
+    if not wb.enabled:  # with it, config.build has made sure of a mem_limit
         return None
     policy = WritebackPolicy(cfg.mem_limit, high_watermark=wb.high_watermark, rate=wb.rate)
     spiller = Writeback(store, policy, compact=store.allocator.compact, thread_init=_flusher)

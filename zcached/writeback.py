@@ -24,11 +24,12 @@ import errno
 import logging
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+from zcached.background import BackgroundThread
 
 log = logging.getLogger("zcached.writeback")
 
@@ -114,7 +115,7 @@ class WritebackPolicy:
         return int(self.mem_limit * max(0.05, self.high_watermark - HYSTERESIS))
 
 
-class Writeback:
+class Writeback(BackgroundThread):
     """Runs the policy on ``store`` in a daemon thread between :meth:`start` and :meth:`stop`.
 
     Counters (written by the thread only): ``rounds`` (times it found the pool above the high
@@ -129,27 +130,14 @@ class Writeback:
         compact: Callable[[int], object] | None = None,
         thread_init: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__("zcached-writeback", thread_init)
         self.store = store
         self.policy = policy
         self._compact = compact
-        self._thread_init = thread_init
         self.rounds = self.pages = self.bytes = self.full = self.errors = 0
         self._full_logged = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="zcached-writeback", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def _run(self) -> None:
-        if self._thread_init is not None:
-            self._thread_init()
         while not self._stop.wait(self.policy.interval):
             try:
                 self.run_round()
