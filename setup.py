@@ -8,7 +8,10 @@ import os
 
 from setuptools import Extension, setup
 
-SOURCES = ["arena.c", "backing.c", "codec.c", "xcfmalloc.c", "store.c", "fuse_loop.c", "pymod.c"]
+SOURCES = [
+    "arena.c", "backing.c", "codec.c", "xcfmalloc.c", "store.c", "fuse_loop.c", "fuse_uring.c",
+    "pymod.c",
+]  # fmt: skip
 CFLAGS = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-O2", "-g"]
 CFLAGS += os.environ.get("ZCACHED_CFLAGS", "").split()
 

@@ -42,7 +42,9 @@ MiB = 1 << 20
 PAGE = 4096
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CORE_C = ["arena.c", "backing.c", "codec.c", "xcfmalloc.c", "store.c", "fuse_loop.c"]
+CORE_C = [
+    "arena.c", "backing.c", "codec.c", "xcfmalloc.c", "store.c", "fuse_loop.c", "fuse_uring.c",
+]  # fmt: skip
 MEMORY_KEYS = ("pages_stored", "same_pages", "huge_pages", "compr_data_size", "mem_used_total",
                "objects", "metadata_bytes", "table_bytes")  # fmt: skip
 PHASES = ["write4k", "read4k", "write128k", "read128k", "discard4k"]

@@ -169,13 +169,29 @@ def latency_rows(doc: dict[str, Any]) -> list[str]:
         ("zcached_spin0.file", "same, of the FUSE file itself (no loop device)"),
         ("zcached_spin50.loop", "4K read QD1, loop device, io_spin_us = 50 (not the default)"),
         ("zcached_spin50.file", "same, of the FUSE file, io_spin_us = 50"),
+        ("zcached_uring.loop", "4K read QD1, loop device, io_transport = uring (not the default)"),
+        ("zcached_uring.file", "same, of the FUSE file, io_transport = uring"),
     ):  # fmt: skip
+        if lt.value(f"{key}.mean_us") is None:
+            continue
         mean = lt.value(f"{key}.mean_us")
         ours = f"{_us(mean)} (p99 {_us(lt.value(f'{key}.p99_us'))})"
         zmean = lt.value("zram_lz4.mean_us")
         ratio = f"**{mean / zmean:.2f}x**" if mean and zmean else MISSING
         goal = "<= 25 us mean" if key.endswith("loop") else "reported"
         rows.append(_row(label, ours, zram, ratio, goal))
+    zq = lt.value("zram_lz4.qd32_iops")
+    for key, label in (
+        ("zcached_spin0", "4K random read QD32 through the loop device (reads/s)"),
+        ("zcached_uring", "same, io_transport = uring"),
+        ("disk_loop", "same, disk swap's file through a loop device"),
+    ):  # fmt: skip
+        q = lt.value(f"{key}.loop.qd32_iops" if key != "disk_loop" else f"{key}.qd32_iops")
+        if q is None:
+            continue
+        goal = ">= 0.7x zram" if key.startswith("zcached") else "reported"
+        rows.append(_row(label, f"{q:,.0f}", f"{zq:,.0f}" if zq else MISSING,
+                         f"**{q / zq:.2f}x**" if zq else MISSING, goal))  # fmt: skip
     dmean = lt.value("disk_loop.mean_us")
     zmean = lt.value("zram_lz4.mean_us")
     rows.append(_row(

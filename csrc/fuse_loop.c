@@ -57,6 +57,11 @@
  *  T5 initialized, kernel_minor and io_flusher_failed are relaxed atomics any worker may set.
  *  T6 Workers run with every signal blocked; they end when the connection goes away (ENODEV
  *     or EPERM from read(2), ENODEV from write(2)) or on an unexpected read error.
+ *  T7 With zc_fuse_set_uring, one more worker per ring queue (slots nthreads..nslots-1) runs
+ *     zc_uring_serve (fuse_uring.c) once INIT was answered and negotiated io_uring; it decodes
+ *     with zc_fuse_call, the same handlers over the io_uring layout (arg / wdata / rdata in
+ *     struct zc_req instead of one buffer).  The /dev/fuse workers stay: INIT, FORGET,
+ *     INTERRUPT and resent requests still come that way.
  *
  * TAKING OVER A CONNECTION (crash recovery, live upgrade)
  *  The descriptors may belong to a keeper process that outlives servers (zc_fuse_set_fds).
@@ -73,6 +78,7 @@
 #define _GNU_SOURCE
 #endif
 #include "fuse_loop.h"
+#include "fuse_uring.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -138,6 +144,10 @@
 #define ZC_FRONT_INIT 0                  /* front word: 1 once INIT was answered */
 #define ZC_FRONT_MINOR 1                 /* front word: the kernel's minor version */
 #define ZC_FRONT_RESENT 2                /* front word: requests received again, all servers */
+#define ZC_FRONT_URING 3                 /* front word: 1 once INIT negotiated io_uring */
+#define ZC_OVER_IO_URING (1u << 9)       /* FUSE_OVER_IO_URING (bit 41) in flags2, Linux 6.14 */
+#define ZC_INIT_EXT (1u << 30)           /* FUSE_INIT_EXT: flags2 is there */
+#define ZC_INIT_WAIT_NS 1000000l         /* a ring worker's look at whether INIT came */
 
 _Static_assert(ZC_WRITE_DATA == 80, "fuse_in_header + fuse_write_in must be 80 bytes");
 _Static_assert(ZC_OUT_HDR == 16, "fuse_out_header must be 16 bytes");
@@ -194,23 +204,33 @@ struct zc_fuse {
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	int running, started;
-	struct zc_fuse_worker **workers; /* nthreads slots */
+	struct zc_fuse_worker **workers; /* nslots used: the /dev/fuse workers, then the rings' */
 	int *given;                      /* zc_fuse_set_fds: nthreads descriptors, not owned */
 	int resumed, resend_error;       /* set by zc_fuse_new / zc_fuse_start only */
 	_Atomic int initialized, io_flusher_failed;
 	_Atomic uint64_t spin_ns; /* SPIN: zc_fuse_set_spin, read by workers (relaxed) */
 	_Atomic int spinning; /* SPIN: 1 while some worker spins */
 	_Atomic uint32_t kernel_minor;
+	/* io_uring (fuse_uring.c): set by zc_fuse_set_uring only (T1); ring worker q is slot
+	 * nthreads + q of workers[] and counts in qst[q]. */
+	struct zc_uring *uring;
+	int nrings, nslots;
+	char *kick_path;
+	_Atomic int conn_gone; /* a /dev/fuse worker saw the connection go */
+	struct zc_uring_qstats qst[ZC_URING_MAX_QUEUES];
 };
 
-/* One request being decoded. */
+/* One request being decoded, in parts (the two transports lay a request out differently). */
 struct zc_req {
 	struct zc_fuse_worker *w;
-	const uint8_t *buf;
-	size_t n;
 	struct fuse_in_header h;
-	size_t blen;   /* reply body bytes in w->small after the header */
-	int malformed; /* counts internal_errors */
+	const uint8_t *arg;   /* what follows the in header: the op's struct, then names */
+	size_t arg_len;
+	const uint8_t *wdata; /* WRITE: the data (after its fuse_write_in) */
+	size_t wdata_len;
+	uint8_t *rdata;       /* READ: where the data goes (ZC_MAX_WRITE bytes) */
+	size_t blen;          /* reply body bytes in w->small after the header */
+	int malformed;        /* counts internal_errors */
 };
 
 /* ---- counters (T4) ------------------------------------------------------------------------ */
@@ -255,12 +275,12 @@ static int malformed(struct zc_req *r)
  * request must carry at least `need` bytes of it. */
 static int get_in(struct zc_req *r, void *dst, size_t size, size_t need)
 {
-	size_t avail = r->n - ZC_IN_HDR;
+	size_t avail = r->arg_len;
 
 	if (avail < need)
 		return malformed(r);
 	memset(dst, 0, size);
-	memcpy(dst, r->buf + ZC_IN_HDR, avail < size ? avail : size);
+	memcpy(dst, r->arg, avail < size ? avail : size);
 	return 0;
 }
 
@@ -342,6 +362,10 @@ static int do_init(struct zc_req *r)
 	out.minor = in.minor < ZC_OUR_MINOR ? in.minor : ZC_OUR_MINOR;
 	out.max_readahead = in.max_readahead;
 	out.flags = in.flags & want;
+	if (f->uring && (in.flags & ZC_INIT_EXT) && (in.flags2 & ZC_OVER_IO_URING)) {
+		out.flags |= ZC_INIT_EXT;
+		out.flags2 = ZC_OVER_IO_URING;
+	}
 	out.max_background = ZC_MAX_BACKGROUND;
 	out.congestion_threshold = ZC_MAX_BACKGROUND * 3 / 4;
 	out.max_write = (uint32_t)ZC_MAX_WRITE;
@@ -354,6 +378,7 @@ static int do_init(struct zc_req *r)
 		uint32_t *front = zc_store_front(f->s);
 
 		__atomic_store_n(&front[ZC_FRONT_MINOR], in.minor, __ATOMIC_RELAXED);
+		__atomic_store_n(&front[ZC_FRONT_URING], out.flags2 ? 1u : 0u, __ATOMIC_RELAXED);
 		__atomic_store_n(&front[ZC_FRONT_INIT], 1u, __ATOMIC_RELEASE);
 	}
 	return 0;
@@ -362,8 +387,8 @@ static int do_init(struct zc_req *r)
 static int do_lookup(struct zc_req *r)
 {
 	const struct zc_fuse *f = r->w->f;
-	const uint8_t *name = r->buf + ZC_IN_HDR;
-	size_t len = r->n - ZC_IN_HDR;
+	const uint8_t *name = r->arg;
+	size_t len = r->arg_len;
 
 	if (!memchr(name, 0, len))
 		return malformed(r);
@@ -577,7 +602,7 @@ static int do_read(struct zc_req *r, uint32_t *len)
 		return malformed(r);
 	if (n == 0)
 		return 0;
-	rc = reply_err(zc_store_read(w->ctx, in.offset, n, w->obuf + ZC_PAGE_SIZE));
+	rc = reply_err(zc_store_read(w->ctx, in.offset, n, r->rdata));
 	if (rc)
 		return rc;
 	count(&w->st.bytes_read, n);
@@ -594,12 +619,12 @@ static int do_write(struct zc_req *r)
 
 	if (get_in(r, &in, sizeof(in), sizeof(in)))
 		return -EINVAL;
-	if (r->n != ZC_WRITE_DATA + (size_t)in.size || in.size > ZC_MAX_WRITE)
+	if (r->wdata_len != (size_t)in.size || in.size > ZC_MAX_WRITE)
 		return malformed(r);
 	if (past_end(in.offset, in.size, w->f->size))
 		return -EFBIG; /* write past the end of the device */
 	if (in.size) {
-		rc = reply_err(zc_store_write(w->ctx, in.offset, in.size, r->buf + ZC_WRITE_DATA));
+		rc = reply_err(zc_store_write(w->ctx, in.offset, in.size, r->wdata));
 		if (rc)
 			return rc;
 	}
@@ -678,11 +703,53 @@ static void send_reply(struct zc_fuse_worker *w, const struct iovec *iov,
 		count(&w->st.internal_errors, 1);
 }
 
+/* Count a request once it has its answer (T4: before the reply is sent). */
+static void count_request(struct zc_fuse_worker *w, unsigned op, int err, int bad)
+{
+	if (err)
+		count(&w->st.errors[op], 1);
+	if (bad)
+		count(&w->st.internal_errors, 1);
+	count(&w->st.requests[op], 1);
+}
+
+static void count_latency(struct zc_fuse_worker *w, unsigned op, uint64_t t0)
+{
+	uint64_t dt = now_ns() - t0;
+
+	count(&w->st.lat_sum_ns[op], dt);
+	count(&w->st.lat[op][lat_bucket(dt)], 1);
+}
+
+static unsigned op_slot(uint32_t opcode)
+{
+	return opcode < ZC_FUSE_MAX_OPCODE ? opcode : ZC_OP_LAST;
+}
+
+/* Run r (a request that gets a reply, its parts set): 0 with the reply body at *body (*blen
+ * bytes: a READ's in r->rdata, any other's in w->small + ZC_OUT_HDR), or the reply's -errno. */
+static int answer(struct zc_req *r, const uint8_t **body, uint32_t *blen)
+{
+	int err;
+
+	if (r->h.opcode == FUSE_READ) {
+		err = do_read(r, blen);
+		*body = r->rdata;
+		return err;
+	}
+	err = dispatch(r);
+	*body = r->w->small + ZC_OUT_HDR;
+	*blen = err ? 0 : (uint32_t)r->blen;
+	return err;
+}
+
 int zc_fuse_handle(struct zc_fuse_worker *w, uint8_t *buf, size_t n, zc_fuse_write_fn write_fn,
 		   void *arg)
 {
 	uint64_t t0 = now_ns();
-	struct zc_req r = { .w = w, .buf = buf, .n = n };
+	struct zc_req r = { .w = w };
+	const uint8_t *body;
+	uint32_t blen = 0;
 	struct iovec iov;
 	unsigned op;
 	int err;
@@ -692,55 +759,57 @@ int zc_fuse_handle(struct zc_fuse_worker *w, uint8_t *buf, size_t n, zc_fuse_wri
 		return -EINVAL;
 	}
 	memcpy(&r.h, buf, sizeof(r.h));
-	op = r.h.opcode < ZC_FUSE_MAX_OPCODE ? r.h.opcode : ZC_OP_LAST;
+	r.arg = buf + ZC_IN_HDR;
+	r.arg_len = n - ZC_IN_HDR;
+	r.wdata = n >= ZC_WRITE_DATA ? buf + ZC_WRITE_DATA : NULL;
+	r.wdata_len = n >= ZC_WRITE_DATA ? n - ZC_WRITE_DATA : 0;
+	r.rdata = w->obuf + ZC_PAGE_SIZE; /* the out header just before it: one iovec */
+	op = op_slot(r.h.opcode);
 	if (r.h.unique & ZC_UNIQUE_RESEND) /* rare: only after a server died */
 		__atomic_fetch_add(&zc_store_front(w->f->s)[ZC_FRONT_RESENT], 1u, __ATOMIC_RELAXED);
 	if (no_reply(r.h.opcode)) {
-		if (r.h.len != n)
-			count(&w->st.internal_errors, 1);
-		count(&w->st.requests[op], 1);
+		count_request(w, op, 0, r.h.len != n);
 		return 0;
 	}
-	if (r.h.len != n) {
-		err = malformed(&r);
-	} else if (r.h.opcode == FUSE_READ) {
-		uint32_t len;
+	err = r.h.len != n ? malformed(&r) : answer(&r, &body, &blen);
+	if (!err && r.h.opcode == FUSE_READ) {
+		uint8_t *hdr = w->obuf + ZC_PAGE_SIZE - ZC_OUT_HDR;
 
-		err = do_read(&r, &len);
-		if (!err) {
-			uint8_t *hdr = w->obuf + ZC_PAGE_SIZE - ZC_OUT_HDR;
-
-			if (ZC_PAGE_SIZE + (size_t)len > w->otouched)
-				w->otouched = ZC_PAGE_SIZE + (size_t)len;
-
-			set_out_header(hdr, (uint32_t)ZC_OUT_HDR + len, 0, r.h.unique);
-			iov.iov_base = hdr;
-			iov.iov_len = ZC_OUT_HDR + len;
-		}
+		if (ZC_PAGE_SIZE + (size_t)blen > w->otouched)
+			w->otouched = ZC_PAGE_SIZE + (size_t)blen;
+		set_out_header(hdr, (uint32_t)ZC_OUT_HDR + blen, 0, r.h.unique);
+		iov.iov_base = hdr;
 	} else {
-		err = dispatch(&r);
-		if (!err) {
-			set_out_header(w->small, (uint32_t)(ZC_OUT_HDR + r.blen), 0, r.h.unique);
-			iov.iov_base = w->small;
-			iov.iov_len = ZC_OUT_HDR + r.blen;
-		}
-	}
-	if (err) {
-		set_out_header(w->small, ZC_OUT_HDR, err, r.h.unique);
+		set_out_header(w->small, (uint32_t)ZC_OUT_HDR + blen, err, r.h.unique);
 		iov.iov_base = w->small;
-		iov.iov_len = ZC_OUT_HDR;
-		count(&w->st.errors[op], 1);
 	}
-	if (r.malformed)
-		count(&w->st.internal_errors, 1);
-	count(&w->st.requests[op], 1); /* before the reply: once answered, the stats show it */
+	iov.iov_len = ZC_OUT_HDR + blen;
+	count_request(w, op, err, r.malformed);
 	send_reply(w, &iov, write_fn, arg);
-	{
-		uint64_t dt = now_ns() - t0;
+	count_latency(w, op, t0);
+	return err;
+}
 
-		count(&w->st.lat_sum_ns[op], dt);
-		count(&w->st.lat[op][lat_bucket(dt)], 1);
-	}
+int zc_fuse_call(struct zc_fuse_worker *w, struct zc_fuse_call *c)
+{
+	uint64_t t0 = now_ns();
+	struct zc_req r = { .w = w };
+	unsigned op = op_slot(c->h.opcode);
+	int err;
+
+	r.h = c->h;
+	r.arg = c->arg;
+	r.arg_len = c->arg_len;
+	r.wdata = c->wdata;
+	r.wdata_len = c->wdata_len;
+	r.rdata = c->rdata;
+	c->body = NULL;
+	c->body_len = 0;
+	if (c->h.unique & ZC_UNIQUE_RESEND)
+		__atomic_fetch_add(&zc_store_front(w->f->s)[ZC_FRONT_RESENT], 1u, __ATOMIC_RELAXED);
+	err = c->malformed ? malformed(&r) : answer(&r, &c->body, &c->body_len);
+	count_request(w, op, err, r.malformed);
+	count_latency(w, op, t0);
 	return err;
 }
 
@@ -880,6 +949,8 @@ static void serve(struct zc_fuse_worker *w)
 		if (n < 0) {
 			if (n != -ENODEV && n != -EPERM) /* ENODEV/EPERM: the connection is gone */
 				count(&w->st.internal_errors, 1);
+			else
+				atomic_store(&w->f->conn_gone, 1);
 			return;
 		}
 		if (ZC_IN_OFF + (size_t)n > w->rtouched)
@@ -908,6 +979,34 @@ static void *worker_main(void *arg)
 	if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0)
 		atomic_store_explicit(&w->f->io_flusher_failed, 1, memory_order_relaxed);
 	serve(w);
+	worker_ended(w);
+	return NULL;
+}
+
+/* Until INIT was answered (by this server or an earlier one): 1, or 0 if the connection went
+ * first. */
+static int wait_init(struct zc_fuse *f)
+{
+	struct timespec ts = { .tv_sec = 0, .tv_nsec = ZC_INIT_WAIT_NS };
+
+	while (!atomic_load_explicit(&f->initialized, memory_order_acquire)) {
+		if (atomic_load(&f->conn_gone))
+			return 0;
+		nanosleep(&ts, NULL);
+	}
+	return 1;
+}
+
+static void *ring_main(void *arg)
+{
+	struct zc_fuse_worker *w = arg;
+	struct zc_fuse *f = w->f;
+	int q = w->index - f->nthreads;
+
+	if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0)
+		atomic_store_explicit(&f->io_flusher_failed, 1, memory_order_relaxed);
+	if (wait_init(f) && zc_fuse_uring_negotiated(f))
+		zc_uring_serve(f->uring, q, f->fd, w, &f->qst[q]);
 	worker_ended(w);
 	return NULL;
 }
@@ -1029,14 +1128,14 @@ static int clone_fd(int fd)
 }
 
 /* Create the thread of w with every signal blocked (the caller's mask is restored). */
-static int spawn(struct zc_fuse_worker *w)
+static int spawn(struct zc_fuse_worker *w, void *(*routine)(void *))
 {
 	sigset_t all, old;
 	int rc;
 
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
-	rc = pthread_create(&w->thread, NULL, worker_main, w);
+	rc = pthread_create(&w->thread, NULL, routine, w);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	return -rc;
 }
@@ -1084,20 +1183,24 @@ int zc_fuse_start(struct zc_fuse *f)
 	pthread_mutex_lock(&f->lock);
 	if (f->started)
 		goto out;
-	for (int i = 0; i < f->nthreads; i++)
+	for (int i = 0; i < f->nslots; i++)
 		if (f->workers[i]) {
 			rc = -EBUSY;
 			goto out;
 		}
-	for (int i = 0; i < f->nthreads; i++) {
+	if (!f->uring && zc_fuse_uring_negotiated(f)) {
+		rc = -ENOTSUP; /* its requests come over rings only: /dev/fuse alone would hang */
+		goto out;
+	}
+	for (int i = 0; i < f->nslots; i++) {
 		struct zc_fuse_worker *w = worker_alloc(f, i);
 
 		if (!w) {
 			rc = -ENOMEM;
 			break;
 		}
-		w->fd = f->given ? f->given[i] : f->fd;
-		if (i > 0 && !f->given) {
+		w->fd = f->given ? f->given[i < f->nthreads ? i : 0] : f->fd;
+		if (i > 0 && i < f->nthreads && !f->given) {
 			int c = clone_fd(f->fd);
 
 			if (c >= 0) {
@@ -1108,7 +1211,7 @@ int zc_fuse_start(struct zc_fuse *f)
 		f->workers[i] = w;
 	}
 	if (rc) {
-		for (int i = 0; i < f->nthreads; i++)
+		for (int i = 0; i < f->nslots; i++)
 			if (f->workers[i]) {
 				worker_destroy(f->workers[i]);
 				f->workers[i] = NULL;
@@ -1118,10 +1221,10 @@ int zc_fuse_start(struct zc_fuse *f)
 	f->started = 1;
 	if (f->resumed)
 		f->resend_error = send_resend(f->workers[0]->fd);
-	for (int i = 0; i < f->nthreads; i++) {
+	for (int i = 0; i < f->nslots; i++) {
 		struct zc_fuse_worker *w = f->workers[i];
 
-		rc = spawn(w);
+		rc = spawn(w, i < f->nthreads ? worker_main : ring_main);
 		if (rc)
 			break; /* the threads already running end with the connection */
 		w->started = 1;
@@ -1159,7 +1262,7 @@ int zc_fuse_join(struct zc_fuse *f, int timeout_ms)
 		else if (pthread_cond_timedwait(&f->cond, &f->lock, &deadline) == ETIMEDOUT)
 			break;
 	}
-	for (int i = 0; i < f->nthreads; i++) {
+	for (int i = 0; i < f->nslots; i++) {
 		struct zc_fuse_worker *w = f->workers[i];
 
 		/* done is set just before the thread returns: this join does not block long. */
@@ -1217,7 +1320,7 @@ struct zc_fuse *zc_fuse_new(struct zc_store *s, int fd, const char *file_name, i
 		e = -ENOMEM;
 		goto fail;
 	}
-	f->workers = calloc((size_t)nthreads, sizeof(*f->workers));
+	f->workers = calloc((size_t)nthreads + ZC_URING_MAX_QUEUES, sizeof(*f->workers));
 	if (!f->workers) {
 		free(f);
 		e = -ENOMEM;
@@ -1226,6 +1329,7 @@ struct zc_fuse *zc_fuse_new(struct zc_store *s, int fd, const char *file_name, i
 	f->s = s;
 	f->fd = fd;
 	f->nthreads = nthreads;
+	f->nslots = nthreads;
 	f->heaps = nthreads;
 	f->size = zc_store_size(s);
 	f->name_len = strlen(file_name);
@@ -1266,9 +1370,11 @@ void zc_fuse_free(struct zc_fuse *f)
 	}
 	pthread_mutex_unlock(&f->lock);
 	zc_fuse_join(f, 0); /* reap threads that ended but were not joined */
-	for (int i = 0; i < f->nthreads; i++)
+	for (int i = 0; i < f->nslots; i++)
 		if (f->workers[i])
 			worker_destroy(f->workers[i]);
+	zc_uring_detach(f->uring);
+	free(f->kick_path);
 	pthread_cond_destroy(&f->cond);
 	pthread_mutex_destroy(&f->lock);
 	free(f->workers);
@@ -1317,10 +1423,25 @@ void zc_fuse_stats(struct zc_fuse *f, struct zc_fuse_stats *out)
 	if (!f)
 		return;
 	pthread_mutex_lock(&f->lock);
-	for (int i = 0; i < f->nthreads; i++)
-		if (f->workers[i])
-			add_worker_stats(f->workers[i], out);
+	for (int i = 0; i < f->nslots; i++) {
+		struct zc_fuse_worker *w = f->workers[i];
+
+		if (!w)
+			continue;
+		add_worker_stats(w, out);
+		for (int op = 0; i >= f->nthreads && op < ZC_FUSE_MAX_OPCODE; op++)
+			out->uring_requests += peek(&w->st.requests[op]);
+	}
 	pthread_mutex_unlock(&f->lock);
+	out->uring = zc_fuse_uring_negotiated(f) && f->uring;
+	for (int q = 0; q < f->nrings; q++) {
+		struct zc_uring_qstats *st = &f->qst[q];
+
+		out->uring_queues += atomic_load_explicit(&st->serving, memory_order_relaxed);
+		out->uring_adopted += atomic_load_explicit(&st->adopted, memory_order_relaxed);
+		out->uring_registered += atomic_load_explicit(&st->registered, memory_order_relaxed);
+		out->uring_errors += atomic_load_explicit(&st->errors, memory_order_relaxed);
+	}
 	out->initialized = atomic_load_explicit(&f->initialized, memory_order_relaxed);
 	out->kernel_minor = atomic_load_explicit(&f->kernel_minor, memory_order_relaxed);
 	out->io_flusher_failed = atomic_load_explicit(&f->io_flusher_failed, memory_order_relaxed);
@@ -1328,4 +1449,77 @@ void zc_fuse_stats(struct zc_fuse *f, struct zc_fuse_stats *out)
 	out->resent_requests =
 		__atomic_load_n(&zc_store_front(f->s)[ZC_FRONT_RESENT], __ATOMIC_RELAXED);
 	out->resend_error = f->resend_error;
+}
+
+/* ---- io_uring (fuse_uring.c) -------------------------------------------------------------- */
+
+int zc_fuse_uring_queues(void)
+{
+	/* The kernel makes a queue per possible CPU and uses the ring only once each has an
+	 * entry: "0-N" (or a list) in /sys; the count of configured CPUs if that cannot be read. */
+	char buf[256];
+	int fd = open("/sys/devices/system/cpu/possible", O_RDONLY | O_CLOEXEC);
+	ssize_t n = fd >= 0 ? read(fd, buf, sizeof(buf) - 1) : -1;
+	long last = -1;
+
+	if (fd >= 0)
+		close(fd);
+	if (n > 0) {
+		buf[n] = 0;
+		for (char *p = buf; *p;) {
+			char *end;
+			long v = strtol(p, &end, 10);
+
+			if (end == p)
+				break;
+			if (v > last)
+				last = v;
+			p = *end ? end + 1 : end;
+		}
+	}
+	if (last < 0)
+		last = sysconf(_SC_NPROCESSORS_CONF) - 1;
+	return last < 0 || last >= ZC_URING_MAX_QUEUES ? 0 : (int)last + 1;
+}
+
+int zc_fuse_set_uring(struct zc_fuse *f, int area_fd, const char *kick_path)
+{
+	int nq = zc_fuse_uring_queues(), rc;
+
+	if (!f || f->started || f->uring || !kick_path)
+		return -EINVAL;
+	if (nq < 1)
+		return -ENOTSUP;
+	f->kick_path = strdup(kick_path);
+	if (!f->kick_path)
+		return -ENOMEM;
+	rc = zc_uring_attach(area_fd, nq, &f->uring);
+	if (rc) {
+		free(f->kick_path);
+		f->kick_path = NULL;
+		return rc;
+	}
+	f->nrings = nq;
+	f->nslots = f->nthreads + nq;
+	return 0;
+}
+
+int zc_fuse_uring_negotiated(struct zc_fuse *f)
+{
+	return __atomic_load_n(&zc_store_front(f->s)[ZC_FRONT_URING], __ATOMIC_ACQUIRE) == 1;
+}
+
+int zc_fuse_connected(struct zc_fuse_worker *w)
+{
+	return !atomic_load(&w->f->conn_gone);
+}
+
+int zc_fuse_resumed(struct zc_fuse_worker *w)
+{
+	return w->f->resumed;
+}
+
+const char *zc_fuse_kick_path(struct zc_fuse_worker *w)
+{
+	return w->f->kick_path;
 }

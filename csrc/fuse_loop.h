@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include <linux/fuse.h>
+
 #include "store.h"
 
 #define ZC_FUSE_MAX_OPCODE 64
@@ -37,6 +39,11 @@ struct zc_fuse_stats {
 	int resend_error;         /* errno of the FUSE_NOTIFY_RESEND write (0 = sent or none) */
 	uint64_t resent_requests; /* requests the kernel sent again (unique has bit 63), counted
 				   * in the arena: over every server of the store */
+	int uring;                /* the connection's requests come over io_uring (INIT said so) */
+	int uring_queues;         /* ring queues registered and served now */
+	uint64_t uring_adopted;   /* requests a dead server left in ring entries, answered */
+	uint64_t uring_requests;  /* requests answered over the rings (all kinds) */
+	uint64_t uring_registered, uring_errors;
 };
 
 extern const uint64_t zc_fuse_latency_bounds_ns[ZC_FUSE_NBUCKETS - 1];
@@ -53,6 +60,19 @@ int zc_fuse_set_fds(struct zc_fuse *f, const int *fds, int n);
 /* Start the workers (worker i uses Hoard heap 1 + i % heaps, heaps = nthreads: the store must
  * have been opened with heaps >= nthreads).  0 (also when already started) or -errno. */
 int zc_fuse_start(struct zc_fuse *f);
+/* FUSE over io_uring (fuse_uring.c): offer it in INIT and, once negotiated, serve one ring
+ * queue per possible CPU beside the /dev/fuse workers (which keep INIT, FORGET, INTERRUPT and
+ * what FUSE_NOTIFY_RESEND sends again).  area_fd: the ring area's memfd (the keeper holds it,
+ * zc_uring_area_size bytes for zc_fuse_uring_queues()); kick_path: the served file's path,
+ * read once per queue by a server that takes over.  Before zc_fuse_start.  A connection whose
+ * INIT negotiated io_uring (an earlier server's) needs this call: without it, -ENOTSUP at
+ * start.  0 or -errno. */
+int zc_fuse_set_uring(struct zc_fuse *f, int area_fd, const char *kick_path);
+/* The kernel's number of ring queues (possible CPUs); 0 if it cannot tell. */
+int zc_fuse_uring_queues(void);
+/* Whether this connection's INIT negotiated io_uring (an earlier server's INIT counts). */
+int zc_fuse_uring_negotiated(struct zc_fuse *f);
+
 /* Adaptive polling (fuse_loop.c, SPIN): after a request a worker spins up to spin_ns for the
  * next one (0 = never, the default).  Any time, from any thread.  0 or -EINVAL. */
 #define ZC_FUSE_MAX_SPIN_NS 1000000ull
@@ -76,5 +96,26 @@ struct zc_fuse_worker *zc_fuse_worker_new(struct zc_fuse *f, int index);
 void zc_fuse_worker_free(struct zc_fuse_worker *w);
 int zc_fuse_handle(struct zc_fuse_worker *w, uint8_t *buf, size_t n, zc_fuse_write_fn write_fn,
 		   void *arg);
+
+/* For the io_uring transport (fuse_uring.c): one request given in parts.  arg: what follows
+ * the in header, flat (a WRITE's: its fuse_write_in only, the data in wdata); rdata: where a
+ * READ's data goes (ZC_MAX_REQ_PAGES pages).  On return body/body_len: the reply's body (a
+ * READ's in rdata, any other's in the worker's own buffer, valid until its next request).
+ * Counts the request as a worker does; returns 0 or the reply's -errno. */
+struct zc_fuse_call {
+	struct fuse_in_header h;
+	const uint8_t *arg;
+	size_t arg_len;
+	const uint8_t *wdata;
+	size_t wdata_len;
+	uint8_t *rdata;
+	int malformed; /* the parts did not add up: answered EINVAL, counted */
+	const uint8_t *body;
+	uint32_t body_len;
+};
+int zc_fuse_call(struct zc_fuse_worker *w, struct zc_fuse_call *c);
+int zc_fuse_connected(struct zc_fuse_worker *w); /* no /dev/fuse worker saw it go */
+int zc_fuse_resumed(struct zc_fuse_worker *w);   /* the loop took over the connection */
+const char *zc_fuse_kick_path(struct zc_fuse_worker *w);
 
 #endif

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "fuse_loop.h"
+#include "fuse_uring.h"
 #include "store.h"
 
 #define MAX_PY_CTX 32
@@ -853,6 +854,23 @@ static PyObject *Fuse_set_spin(FuseObject *fo, PyObject *args)
 	Py_RETURN_NONE;
 }
 
+static PyObject *Fuse_set_uring(FuseObject *fo, PyObject *args)
+{
+	const char *path;
+	int fd, rc;
+
+	if (!PyArg_ParseTuple(args, "is", &fd, &path))
+		return NULL;
+	if (!fo->f || fo->started) {
+		PyErr_SetString(PyExc_RuntimeError, "Fuse not initialised or already started");
+		return NULL;
+	}
+	rc = zc_fuse_set_uring(fo->f, fd, path);
+	if (rc)
+		return raise_errno(rc);
+	Py_RETURN_NONE;
+}
+
 static PyObject *Fuse_start(FuseObject *fo, PyObject *Py_UNUSED(ignored))
 {
 	int rc;
@@ -980,7 +998,15 @@ static PyObject *Fuse_stats(FuseObject *fo, PyObject *Py_UNUSED(ignored))
 		      set_item(d, "resumed", PyBool_FromLong(st->resumed)) ||
 		      set_item(d, "resend_error", PyLong_FromLong(st->resend_error)) ||
 		      set_item(d, "resent_requests",
-			       PyLong_FromUnsignedLongLong(st->resent_requests));
+			       PyLong_FromUnsignedLongLong(st->resent_requests)) ||
+		      set_item(d, "uring", PyBool_FromLong(st->uring)) ||
+		      set_item(d, "uring_queues", PyLong_FromLong(st->uring_queues)) ||
+		      set_item(d, "uring_adopted", PyLong_FromUnsignedLongLong(st->uring_adopted)) ||
+		      set_item(d, "uring_requests",
+			       PyLong_FromUnsignedLongLong(st->uring_requests)) ||
+		      set_item(d, "uring_registered",
+			       PyLong_FromUnsignedLongLong(st->uring_registered)) ||
+		      set_item(d, "uring_errors", PyLong_FromUnsignedLongLong(st->uring_errors));
 	PyMem_Free(st);
 	Py_XDECREF(lat);
 	if (bad) {
@@ -992,6 +1018,8 @@ static PyObject *Fuse_stats(FuseObject *fo, PyObject *Py_UNUSED(ignored))
 
 static PyMethodDef Fuse_methods[] = {
 	{"start", (PyCFunction)Fuse_start, METH_NOARGS, "start the worker threads"},
+	{"set_uring", (PyCFunction)Fuse_set_uring, METH_VARARGS,
+	 "set_uring(area_fd, file_path): serve over FUSE's io_uring once INIT negotiates it"},
 	{"set_spin", (PyCFunction)Fuse_set_spin, METH_VARARGS,
 	 "set_spin(us): how long a worker spins for the next request (0 = never)"},
 	{"join", (PyCFunction)Fuse_join, METH_VARARGS, "join(timeout_ms) -> workers still running"},
@@ -1144,7 +1172,14 @@ static PyObject *probe_arena(PyObject *Py_UNUSED(mod), PyObject *args)
 	Py_RETURN_NONE;
 }
 
+static PyObject *uring_area_size(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored))
+{
+	return PyLong_FromUnsignedLongLong(zc_uring_area_size(zc_fuse_uring_queues()));
+}
+
 static PyMethodDef module_methods[] = {
+	{"uring_area_size", uring_area_size, METH_NOARGS,
+	 "uring_area_size() -> bytes of the io_uring ring area for this machine (0: cannot tell)"},
 	{"probe_arena", probe_arena, METH_VARARGS,
 	 "probe_arena(fd): None if this version can attach the arena in memfd fd, else ValueError"},
 	{NULL, NULL, 0, NULL},

@@ -147,6 +147,8 @@ def test_size_beyond_four_times_ram_is_refused() -> None:
         ({"io_spin_us": -1}, r"^io_spin_us: must be in \[0, 1000\]"),
         ({"io_spin_us": "50us"}, r"^io_spin_us: expected an integer"),
         ({"io_spin_us": True}, r"^io_spin_us: expected an integer, got a boolean"),
+        ({"io_transport": "io_uring"}, r'^io_transport: must be "auto", "dev" or "uring"'),
+        ({"io_transport": 1}, r"^io_transport: expected"),
         ({"compaction": 1}, r"^compaction: expected a table"),
         ({"compaction": {"every": 1}}, r"^unknown key 'compaction.every'"),
         ({"compaction": {"fragmentation": 1.5}}, r"^compaction.fragmentation: must be in"),

@@ -28,7 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CORE = ["arena.c", "backing.c", "codec.c", "xcfmalloc.c", "store.c"]  # + fuse_loop.c where needed
+CORE = ["arena.c", "backing.c", "codec.c", "xcfmalloc.c", "store.c"]  # + the FUSE loop where needed
 LIBS = ["-llz4", "-lzstd", "-lxxhash", "-lpthread"]
 WARN = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror"]
 SAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
@@ -222,7 +222,7 @@ def _fuzz(target: str, tmp_path: Path, seeds: dict[str, bytes]) -> None:
     clang = tool("clang")
     sources = [str(CSRC / target), *(str(CSRC / c) for c in CORE)]
     if target == "fuzz_fuse.c":
-        sources.append(str(CSRC / "fuse_loop.c"))
+        sources += [str(CSRC / "fuse_loop.c"), str(CSRC / "fuse_uring.c")]
     exe = tmp_path / Path(target).stem
     build(
         [clang, *WARN, *DBG, "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all",

@@ -402,14 +402,28 @@ def verify_all(w: subprocess.Popen[str]) -> None:
     assert w.wait(timeout=HANG) == 0
 
 
+def _uring_unavailable() -> str | None:
+    from zcached.transport import _unavailable
+
+    return _unavailable()
+
+
+# The real-swap and fio-verify tests run on both transports (where the kernel offers io_uring).
+TRANSPORTS = [
+    "auto",
+    pytest.param("uring", marks=pytest.mark.skipif(
+        _uring_unavailable() is not None, reason=str(_uring_unavailable()))),
+]  # fmt: skip
+
+
 def start_swap_daemon(
-    daemon_factory: Callable[..., Daemon], *, env: dict[str, str] | None = None,
+    daemon_factory: Callable[..., Daemon], *extra: str, env: dict[str, str] | None = None,
     session: bool = False,
 ) -> tuple[Daemon, str]:  # fmt: skip
     """A --swap daemon (512M) outside any memory-limited cgroup; returns it and its device."""
     if active_swaps():
         pytest.skip(f"another swap is active ({', '.join(active_swaps())}); pages would go there")
-    d = daemon_factory("512M", "--swap", env=env).start(session=session)
+    d = daemon_factory("512M", "--swap", *extra, env=env).start(session=session)
     dev = d.status()["loop_device"]
     assert isinstance(dev, str) and dev in active_swaps()
     assert_unlimited_memcg(d.pid)
@@ -423,10 +437,11 @@ def assert_unlimited_memcg(pid: int) -> None:
     assert limit >= 1 << 62, f"daemon is in memory cgroup {rel} limited to {limit}"
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_real_swap_pages_go_out_and_come_back(
-    daemon_factory: Callable[..., Daemon], memcg: Path
+    daemon_factory: Callable[..., Daemon], memcg: Path, transport: str
 ) -> None:
-    d, dev = start_swap_daemon(daemon_factory)
+    d, dev = start_swap_daemon(daemon_factory, "--io-transport", transport)
     p = run_cli("status", "--metrics-listen", d.listen)
     assert p.returncode == 0 and dev in p.stdout, p.stdout + p.stderr
     assert p.stdout.splitlines()[1].split()[-2:] == [dev, "100"]
@@ -443,6 +458,8 @@ def test_real_swap_pages_go_out_and_come_back(
     assert written >= overflow_pages * 0.9, (written, overflow_pages)
     assert read >= used_kib // 4 // 2, (read, used_kib)
     assert m["zcached_failed_reads_total"] == 0 and m["zcached_failed_writes_total"] == 0
+    if transport == "uring":  # the swap's I/O came over the rings, not /dev/fuse
+        assert m["zcached_fuse_uring_requests_total"] >= written // 256, m
     # The workload has exited: swapon --discard=pages hands its freed slots back as discards
     # (FUSE fallocate PUNCH_HOLE), and the pages they held leave the store.  Some of those
     # discards may have arrived before ``m`` was read (the C path answers them quickly), so

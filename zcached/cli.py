@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"swapon priority (default {cfgmod.DEFAULT_SWAP_PRIORITY}, above disk)",
     )
+    r.add_argument(
+        "--io-transport",
+        choices=("auto", "dev", "uring"),
+        help="FUSE requests over /dev/fuse (dev) or io_uring (uring); default auto",
+    )
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     st = sub.add_parser("status", help="zramctl-like table from the running daemon")
     st.add_argument("--json", action="store_true", help="print the raw status document")
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "level": args.level,
         "mem_limit": args.mem_limit,
         "swap_priority": args.swap_priority,
+        "io_transport": args.io_transport,
     }
     try:
         cfg = cfgmod.load(args.config, overrides)

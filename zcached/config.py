@@ -84,6 +84,7 @@ class Config:
     compaction: Compaction = field(default_factory=Compaction)
     io_threads: int = 0  # FUSE worker threads; 0 = one per CPU
     io_spin_us: int = 0  # how long a FUSE worker spins for the next request; 0 = never
+    io_transport: str = "auto"  # "auto", "dev" (/dev/fuse) or "uring" (FUSE over io_uring)
     recompress: Recompress = field(default_factory=Recompress)
     writeback: Writeback = field(default_factory=Writeback)
 
@@ -176,6 +177,7 @@ _TOP_KEYS = {
     "compaction",
     "io_threads",
     "io_spin_us",
+    "io_transport",
     "recompress",
     "writeback",
 }
@@ -345,6 +347,10 @@ def build(raw: dict[str, Any]) -> Config:
     spin = _typed("io_spin_us", raw.get("io_spin_us", Config.io_spin_us), int, "an integer")
     if not 0 <= spin <= MAX_IO_SPIN_US:
         raise ConfigError(f"io_spin_us: must be in [0, {MAX_IO_SPIN_US}], got {spin}")
+    transport = _typed("io_transport", raw.get("io_transport", Config.io_transport), str,
+                       '"auto", "dev" or "uring"')  # fmt: skip
+    if transport not in ("auto", "dev", "uring"):
+        raise ConfigError(f'io_transport: must be "auto", "dev" or "uring", got {transport!r}')
     return Config(
         size=size,
         compressor=comp,
@@ -357,6 +363,7 @@ def build(raw: dict[str, Any]) -> Config:
         compaction=compaction,
         io_threads=threads,
         io_spin_us=spin,
+        io_transport=transport,
         recompress=recompress,
         writeback=writeback,
     )

@@ -37,7 +37,7 @@ import stat
 import time
 from collections.abc import Iterator
 
-from zcached import _core, keeper, writeback
+from zcached import _core, keeper, transport, writeback
 from zcached import swap as swapmod
 from zcached.compactor import CompactionPolicy
 from zcached.config import Config, ConfigError
@@ -266,6 +266,26 @@ def _open_backing(cfg: Config, stack: contextlib.ExitStack) -> tuple[int, int] |
     return fd, size
 
 
+def _choose_transport(
+    cfg: Config, stack: contextlib.ExitStack
+) -> tuple[transport.Choice, tuple[int, _core.Hold] | None]:
+    """``io_transport``: /dev/fuse, or FUSE over io_uring with the ring area the keeper holds
+    (zcached/transport.py); DaemonError before anything is mounted if "uring" cannot be had."""
+    try:
+        choice = transport.choose(cfg.io_transport)
+    except transport.TransportError as e:
+        raise DaemonError(str(e)) from None
+    stack.callback(choice.restore)  # a failed start-up leaves enable_uring as it was
+    log.info("transport: %s", choice.why)
+    if choice.name != "uring":
+        return choice, None
+    fd = transport.make_ring_area()
+    stack.callback(os.close, fd)
+    hold = _core.Hold(fd)
+    stack.callback(hold.close)
+    return choice, (fd, hold)
+
+
 def _activate_swap(cfg: Config, stack: contextlib.ExitStack, image: str) -> str:
     """losetup (direct I/O) + mkswap + swapon on ``stack``; returns the loop device."""
     dev = stack.enter_context(swapmod.loop(image))
@@ -368,14 +388,16 @@ def _keep(
     hold = _core.Hold(arena_fd)
     stack.callback(hold.close)
     backing = _open_backing(cfg, stack)
+    choice, rings = _choose_transport(cfg, stack)
     mnt = FuseMount(cfg.mountpoint)
     mnt.mount()
     stack.callback(mnt.close)
     fds = keeper.clone_fds(mnt, nthreads)
     stack.callback(state.remove)
-    sup = keeper.Supervisor(arena_fd, fds, hold, state, args, real, backing)
+    sup = keeper.Supervisor(arena_fd, fds, hold, state, args, real, backing, rings)
     stack.callback(sup.stop)
     sup.start(stop.is_set)
+    choice.restore()  # INIT is answered: the connection keeps what it negotiated
     stack.callback(mnt.unmount)
     stack.callback(sup.quiesce)  # before the unmount: the server's exit then is no death
     image = os.path.join(mnt.mountpoint, "swap.img")
@@ -449,7 +471,7 @@ def config_overrides(cfg: Config) -> dict[str, object]:
         "size": cfg.size, "compressor": cfg.compressor, "level": cfg.level,
         "mem_limit": cfg.mem_limit, "mountpoint": cfg.mountpoint, "swap": cfg.swap,
         "swap_priority": cfg.swap_priority, "metrics_listen": cfg.metrics_listen,
-        "io_threads": cfg.io_threads,
+        "io_threads": cfg.io_threads, "io_transport": cfg.io_transport,
         "compaction": {"interval": c.interval, "fragmentation": c.fragmentation,
                        "cpu_budget": c.cpu_budget},
         **({"writeback": {"path": w.path, "size": w.size, "high_watermark": w.high_watermark,

@@ -109,10 +109,12 @@ class Supervisor:
     def __init__(
         self, arena_fd: int, fds: list[int], hold: _core.Hold, state: KeeperState,
         args: ServerArgs, mountpoint: str, backing: tuple[int, int] | None = None,
+        rings: tuple[int, _core.Hold] | None = None,
     ) -> None:  # fmt: skip
         self.mountpoint = mountpoint  # resolved before the mount (a stat would block on it)
         self.arena_fd = arena_fd
         self.backing = backing  # the writeback tier's file (descriptor, bytes), kept here
+        self.rings = rings  # FUSE over io_uring: the ring area's memfd and our locked mapping
         self.fds = fds
         self.hold = hold
         self.state = state
@@ -257,16 +259,22 @@ class Supervisor:
         try:
             pidfd = os.pidfd_open(proc.pid)
         except ProcessLookupError:  # gone already
-            self.hold.pin()
+            self._pin()
             proc.wait()
             return
         try:
             while not select.select([pidfd], [], [], PIN_INTERVAL)[0]:
-                self.hold.pin()
-            self.hold.pin()
+                self._pin()
+            self._pin()
             proc.wait()
         finally:
             os.close(pidfd)
+
+    def _pin(self) -> None:
+        """Lock what a server faulted in of the arena (and of the ring area) into our maps."""
+        self.hold.pin()
+        if self.rings is not None:
+            self.rings[1].pin()
 
     def _respawn(self) -> None:
         """Start servers until one is ready (or stop is asked)."""
@@ -286,7 +294,7 @@ class Supervisor:
             if stopping:
                 os.close(ready)
                 return
-            self.hold.pin()  # the arena's pages stay locked while the new one attaches
+            self._pin()  # the arena's pages stay locked while the new one attaches
             try:
                 ok = self._wait_ready(ready, READY_TIMEOUT, b"R")
             finally:
@@ -332,6 +340,9 @@ class Supervisor:
         if self.backing is not None:
             argv += ["--backing-fd", str(self.backing[0]), "--backing-size", str(self.backing[1])]
             extra = (self.backing[0],)
+        if self.rings is not None:
+            argv += ["--ring-fd", str(self.rings[0])]
+            extra = (*extra, self.rings[0])
         try:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, pass_fds=(self.arena_fd, *self.fds, w, *extra),

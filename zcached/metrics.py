@@ -130,9 +130,13 @@ class ZcachedCollector(Collector):
             yield req
 
         resent = trims = resident = internal = spin_ns = spin_hits = 0
+        queues = adopted = ring_errors = ring_requests = 0
         if self.fuse is not None:
             fs = self.fuse.stats()
             resent = int(fs.get("resent_requests", 0))
+            queues, adopted = int(fs.get("uring_queues", 0)), int(fs.get("uring_adopted", 0))
+            ring_errors = int(fs.get("uring_errors", 0))
+            ring_requests = int(fs.get("uring_requests", 0))
             spin_ns, spin_hits = int(fs.get("spin_ns", 0)), int(fs.get("spin_hits", 0))
             internal = int(fs.get("internal_errors", 0))
             trims = int(fs.get("buffer_trims", 0))
@@ -167,6 +171,26 @@ class ZcachedCollector(Collector):
             "zcached_fuse_resent_requests",
             "Requests a dead server had taken, sent again by the kernel to its successor.",
             value=resent,
+        )
+        yield g(
+            "zcached_fuse_uring_queues",
+            "FUSE over io_uring: ring queues served now (0: requests come over /dev/fuse).",
+            value=queues,
+        )
+        yield c(
+            "zcached_fuse_uring_requests",
+            "FUSE over io_uring: requests answered over the rings.",
+            value=ring_requests,
+        )
+        yield c(
+            "zcached_fuse_uring_adopted",
+            "FUSE over io_uring: requests a dead server left in ring entries, answered.",
+            value=adopted,
+        )
+        yield c(
+            "zcached_fuse_uring_errors",
+            "FUSE over io_uring: ring failures (setup, submit, a command the kernel refused).",
+            value=ring_errors,
         )
 
         if self.compactor is not None:

@@ -59,6 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mountpoint", required=True, help="its real path (the keeper resolved it)")
     p.add_argument("--backing-fd", type=int, default=-1, help="the writeback tier's file")
     p.add_argument("--backing-size", type=int, default=0)
+    p.add_argument("--ring-fd", type=int, default=-1, help="FUSE over io_uring: the ring area")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -109,6 +110,8 @@ def serve(args: argparse.Namespace) -> int:
     core = _core.Store(attach=args.arena_fd)
     backing_error = _set_backing(core, args)  # before any request: it recounts the segments
     fuse = _core.Fuse(core, fds[0], args.file_name, fds=fds)
+    if args.ring_fd >= 0:
+        fuse.set_uring(args.ring_fd, os.path.join(args.mountpoint, args.file_name))
     fuse.start()
     tell_keeper(args.ready_fd, b"R")
     up_ms = (time.monotonic() - t0) * 1000
@@ -131,6 +134,8 @@ def serve(args: argparse.Namespace) -> int:
             " taken; without it they wait for ever)",
             os.strerror(loop.resend_error),
         )
+    if args.ring_fd >= 0:
+        _log_transport(fuse)
     if loop.io_flusher_failed:
         log.warning("prctl(PR_SET_IO_FLUSHER) failed in the FUSE workers (needs CAP_SYS_RESOURCE)")
     if args.backing_fd < 0 and store.raw_stats()["backed_pages"]:
@@ -174,6 +179,16 @@ def serve(args: argparse.Namespace) -> int:
     if exporter is not None:
         exporter.close()
     return 0
+
+
+def _log_transport(fuse: _core.Fuse) -> None:
+    """Which transport the connection's INIT chose (io_uring needs the kernel to offer it)."""
+    st = fuse.stats()
+    if st["uring"]:
+        how = ", taking over its rings" if st["resumed"] else ""
+        log.info("transport: FUSE over io_uring%s", how)
+    else:
+        log.warning("transport: /dev/fuse (the kernel did not offer io_uring in INIT)")
 
 
 def tell_keeper(fd: int, what: bytes) -> None:
