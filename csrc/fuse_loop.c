@@ -373,7 +373,6 @@ static int do_init(struct zc_req *r)
 	out.max_pages = ZC_MAX_PAGES;
 	put(r, &out, sizeof(out));
 	atomic_store_explicit(&f->kernel_minor, in.minor, memory_order_relaxed);
-	atomic_store_explicit(&f->initialized, 1, memory_order_relaxed);
 	{
 		uint32_t *front = zc_store_front(f->s);
 
@@ -381,6 +380,8 @@ static int do_init(struct zc_req *r)
 		__atomic_store_n(&front[ZC_FRONT_URING], out.flags2 ? 1u : 0u, __ATOMIC_RELAXED);
 		__atomic_store_n(&front[ZC_FRONT_INIT], 1u, __ATOMIC_RELEASE);
 	}
+	/* Last, release: a ring worker that sees it sees whether io_uring was negotiated. */
+	atomic_store_explicit(&f->initialized, 1, memory_order_release);
 	return 0;
 }
 

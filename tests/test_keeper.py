@@ -223,10 +223,11 @@ class Readers(Background):
             t.join()
 
     def _read(self, seed: int) -> None:
-        fd = os.open(self.image, os.O_RDONLY | os.O_DIRECT)
         buf = mmap.mmap(-1, PAGE)
         rng = random.Random(seed)
+        fd = -1
         try:
+            fd = os.open(self.image, os.O_RDONLY | os.O_DIRECT)
             while not self._stop.is_set():
                 p = rng.randrange(self.pages)
                 os.preadv(fd, [buf], p * PAGE)
@@ -240,7 +241,20 @@ class Readers(Background):
             with self._lock:
                 self.errors.append(f"I/O error: {e}")
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+
+
+def write_first_versions(image: Path, pages: int) -> None:
+    """Version 1 of pages 0..pages-1 (O_DIRECT), what ``Readers`` expects."""
+    fd = os.open(image, os.O_WRONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, PAGE)
+    try:
+        for p in range(pages):
+            buf[:] = page_data(p, 1)
+            os.pwrite(fd, buf, p * PAGE)
+    finally:
+        os.close(fd)
 
 
 def test_requests_in_flight_at_a_kill_are_resent(daemon_factory: Callable[..., Daemon]) -> None:
@@ -251,14 +265,7 @@ def test_requests_in_flight_at_a_kill_are_resent(daemon_factory: Callable[..., D
     the counter shows one was resent (30 kills without one would mean resend is broken)."""
     d = daemon_factory("64M", "--no-swap").start()
     pages = 1024
-    fd = os.open(d.image, os.O_WRONLY | os.O_DIRECT)
-    buf = mmap.mmap(-1, PAGE)
-    try:
-        for p in range(pages):
-            buf[:] = page_data(p, 1)
-            os.pwrite(fd, buf, p * PAGE)
-    finally:
-        os.close(fd)
+    write_first_versions(d.image, pages)
     kills = 0
     with Readers(d.image, pages) as r:
         pid = server_pid(d)

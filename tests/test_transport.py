@@ -9,7 +9,6 @@ real-swap test over both transports is test_daemon.py's test_real_swap_pages_go_
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 import pytest
 from conftest import HANG, Daemon, traces
 from test_daemon import NOTHING, TRANSPORTS, _uring_unavailable
-from test_keeper import PAGE, Readers, page_data, server_pid, wait_new_server
+from test_keeper import Readers, server_pid, wait_new_server, write_first_versions
 
 from zcached import transport
 
@@ -89,14 +88,7 @@ def test_uring_takeover_answers_what_the_dead_server_held(
     /dev/fuse (docs/fuse-layer.md)."""
     d = daemon_factory("64M", "--no-swap", "--io-transport", "uring").start()
     pages = 1024
-    fd = os.open(d.image, os.O_WRONLY | os.O_DIRECT)
-    buf = mmap.mmap(-1, PAGE)
-    try:
-        for p in range(pages):
-            buf[:] = page_data(p, 1)
-            os.pwrite(fd, buf, p * PAGE)
-    finally:
-        os.close(fd)
+    write_first_versions(d.image, pages)
     kills = cancelled = 0
     while kills < 30 and d.metrics()["zcached_fuse_uring_adopted_total"] == 0:
         with Readers(d.image, pages) as r:
