@@ -290,6 +290,13 @@ def swap_rows(doc: dict[str, Any]) -> list[str]:
             _secs(sw.value(f"scaling.{n}.zram_lz4.wall_s")),
             sw.ratio(f"scaling.{n}.ratio_to_zram.wall_s"), "<= 2.5x",
         ))  # fmt: skip
+        uw = sw.value(f"scaling.{n}.zcached_uring.wall_s")
+        if uw is not None:
+            rows.append(_row(
+                "same, io_transport = uring (not the default)", _secs(uw),
+                _secs(sw.value(f"scaling.{n}.zram_lz4.wall_s")),
+                sw.ratio(f"scaling.{n}.uring_wall_s_ratio_to_zram"), "reported",
+            ))  # fmt: skip
     return rows
 
 

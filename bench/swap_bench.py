@@ -456,7 +456,10 @@ def _one(backend: str, nbytes: int, limit: int, passes: int, corpus: Path) -> di
 def _attempt(backend: str, nbytes: int, limit: int, passes: int, corpus: Path) -> dict[str, Any]:
     _wait_swaps_clear(300)
     size = nbytes + (64 << 20)
-    ctx = zcached_swap(size) if backend == "zcached" else zram_swap(size)
+    if backend == "zram":
+        ctx = zram_swap(size)
+    else:  # "zcached", or "zcached_uring": the daemon with io_transport = uring
+        ctx = zcached_swap(size, ["--io-transport", "uring"] if backend.endswith("uring") else None)
     with ctx as (dev, mem), memory_cgroup(limit) as cg:
         others = [s for s in active_swaps() if os.path.realpath(s) != os.path.realpath(dev)]
         if others:
@@ -507,11 +510,24 @@ def _ratio(a: Any, b: Any) -> float | None:
     return None
 
 
-def compare(nbytes: int, limit: int, passes: int, corpus: Path) -> dict[str, Any]:
+def compare(
+    nbytes: int, limit: int, passes: int, corpus: Path, uring: bool = False
+) -> dict[str, Any]:
+    """zram and zcached (and, with ``uring``, zcached over FUSE's io_uring) on one workload."""
     k = _one("zram", nbytes, limit, passes, corpus)
     z = _one("zcached", nbytes, limit, passes, corpus)
     zf, kf = z["at_fill"], k["at_fill"]
-    return {
+    extra: dict[str, Any] = {}
+    if uring:
+        from zcached.transport import _unavailable
+
+        if _unavailable() is None:
+            u = _one("zcached_uring", nbytes, limit, passes, corpus)
+            extra = {
+                "zcached_uring": u,
+                "uring_wall_s_ratio_to_zram": _ratio(u["wall_s"], k["wall_s"]),
+            }
+    return extra | {
         "data_MiB": nbytes >> 20,
         "limit_MiB": limit >> 20,
         "passes": passes,
@@ -558,7 +574,7 @@ def run_factors(quick: bool, factors: tuple[int, ...]) -> dict[str, Any]:
     }
     for f in factors:
         try:
-            out["scaling"][f"x{f}"] = compare(base * f, limit * f, passes, corpus)
+            out["scaling"][f"x{f}"] = compare(base * f, limit * f, passes, corpus, uring=f == 1)
         except SkipError as e:
             print(str(e), file=sys.stderr)
             out["scaling"][f"x{f}"] = {"skipped": str(e)}

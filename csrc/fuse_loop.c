@@ -217,7 +217,7 @@ struct zc_fuse {
 	int nrings, nslots;
 	char *kick_path;
 	_Atomic int conn_gone; /* a /dev/fuse worker saw the connection go */
-	struct zc_uring_qstats qst[ZC_URING_MAX_QUEUES];
+	struct zc_uring_qstats qst[ZC_URING_MAX_QUEUES * ZC_URING_THREADS];
 };
 
 /* One request being decoded, in parts (the two transports lay a request out differently). */
@@ -1002,12 +1002,13 @@ static void *ring_main(void *arg)
 {
 	struct zc_fuse_worker *w = arg;
 	struct zc_fuse *f = w->f;
-	int q = w->index - f->nthreads;
+	int j = w->index - f->nthreads; /* share j % THREADS of queue j / THREADS */
 
 	if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0)
 		atomic_store_explicit(&f->io_flusher_failed, 1, memory_order_relaxed);
 	if (wait_init(f) && zc_fuse_uring_negotiated(f))
-		zc_uring_serve(f->uring, q, f->fd, w, &f->qst[q]);
+		zc_uring_serve(f->uring, j / ZC_URING_THREADS, j % ZC_URING_THREADS, f->fd, w,
+			       &f->qst[j]);
 	worker_ended(w);
 	return NULL;
 }
@@ -1321,7 +1322,8 @@ struct zc_fuse *zc_fuse_new(struct zc_store *s, int fd, const char *file_name, i
 		e = -ENOMEM;
 		goto fail;
 	}
-	f->workers = calloc((size_t)nthreads + ZC_URING_MAX_QUEUES, sizeof(*f->workers));
+	f->workers = calloc((size_t)nthreads + ZC_URING_MAX_QUEUES * ZC_URING_THREADS,
+			    sizeof(*f->workers));
 	if (!f->workers) {
 		free(f);
 		e = -ENOMEM;
@@ -1435,10 +1437,11 @@ void zc_fuse_stats(struct zc_fuse *f, struct zc_fuse_stats *out)
 	}
 	pthread_mutex_unlock(&f->lock);
 	out->uring = zc_fuse_uring_negotiated(f) && f->uring;
-	for (int q = 0; q < f->nrings; q++) {
-		struct zc_uring_qstats *st = &f->qst[q];
+	for (int j = 0; j < f->nrings; j++) {
+		struct zc_uring_qstats *st = &f->qst[j];
 
-		out->uring_queues += atomic_load_explicit(&st->serving, memory_order_relaxed);
+		if (j % ZC_URING_THREADS == 0) /* a queue counts once its first share serves */
+			out->uring_queues += atomic_load_explicit(&st->serving, memory_order_relaxed);
 		out->uring_adopted += atomic_load_explicit(&st->adopted, memory_order_relaxed);
 		out->uring_registered += atomic_load_explicit(&st->registered, memory_order_relaxed);
 		out->uring_errors += atomic_load_explicit(&st->errors, memory_order_relaxed);
@@ -1500,8 +1503,8 @@ int zc_fuse_set_uring(struct zc_fuse *f, int area_fd, const char *kick_path)
 		f->kick_path = NULL;
 		return rc;
 	}
-	f->nrings = nq;
-	f->nslots = f->nthreads + nq;
+	f->nrings = nq * ZC_URING_THREADS;
+	f->nslots = f->nthreads + f->nrings;
 	return 0;
 }
 

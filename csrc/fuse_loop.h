@@ -60,8 +60,8 @@ int zc_fuse_set_fds(struct zc_fuse *f, const int *fds, int n);
 /* Start the workers (worker i uses Hoard heap 1 + i % heaps, heaps = nthreads: the store must
  * have been opened with heaps >= nthreads).  0 (also when already started) or -errno. */
 int zc_fuse_start(struct zc_fuse *f);
-/* FUSE over io_uring (fuse_uring.c): offer it in INIT and, once negotiated, serve one ring
- * queue per possible CPU beside the /dev/fuse workers (which keep INIT, FORGET, INTERRUPT and
+/* FUSE over io_uring (fuse_uring.c): offer it in INIT and, once negotiated, serve each kernel
+ * ring queue (one per possible CPU) with ZC_URING_THREADS threads beside the /dev/fuse workers (which keep INIT, FORGET, INTERRUPT and
  * what FUSE_NOTIFY_RESEND sends again).  area_fd: the ring area's memfd (the keeper holds it,
  * zc_uring_area_size bytes for zc_fuse_uring_queues()); kick_path: the served file's path,
  * read once per queue by a server that takes over.  Before zc_fuse_start.  A connection whose

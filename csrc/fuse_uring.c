@@ -1,7 +1,8 @@
 /* fuse_uring.c - FUSE over io_uring (see fuse_uring.h).
  *
- * Owns: the ring area (a memfd the keeper holds: its layout, its fixed address), one io_uring
- * per kernel queue (SQE128, raw syscalls: no liburing here), registering ring entries with
+ * Owns: the ring area (a memfd the keeper holds: its layout, its fixed address), the
+ * io_urings (ZC_URING_THREADS per kernel queue, each with its share of the queue's entries and
+ * its own thread; SQE128, raw syscalls: no liburing here), registering ring entries with
  * FUSE_IO_URING_CMD_REGISTER, answering requests with FUSE_IO_URING_CMD_COMMIT_AND_FETCH, and
  * taking over the entries of a dead server.  Decoding a request is zc_fuse_call's
  * (fuse_loop.c); the INIT negotiation and the /dev/fuse workers are fuse_loop.c's too.
@@ -141,6 +142,7 @@ struct qring {
 	struct zc_fuse_worker *w;
 	struct zc_uring_qstats *st;
 	int q, devfd, ringfd;
+	int first, n; /* this ring's slots of the queue: first .. first + n - 1 */
 	unsigned *sq_head, *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail, *cq_mask;
 	struct io_uring_sqe *sqes; /* 128-byte entries */
 	struct io_uring_cqe *cqes;
@@ -545,7 +547,7 @@ static void complete(struct qring *r, const struct io_uring_cqe *c)
 {
 	int i = (int)c->user_data;
 
-	if (i < 0 || i >= ZC_URING_DEPTH || r->slot_state[i] == SL_GONE)
+	if (i < r->first || i >= r->first + r->n || r->slot_state[i] == SL_GONE)
 		return;
 	if (c->res == 0) {
 		answer_slot(r, i, take(r, i) != 0);
@@ -561,7 +563,7 @@ static void complete(struct qring *r, const struct io_uring_cqe *c)
 
 static int all_gone(const struct qring *r)
 {
-	for (int i = 0; i < ZC_URING_DEPTH; i++)
+	for (int i = r->first; i < r->first + r->n; i++)
 		if (r->slot_state[i] != SL_GONE)
 			return 0;
 	return 1;
@@ -579,7 +581,7 @@ static void reap(struct qring *r)
 	}
 }
 
-void zc_uring_serve(struct zc_uring *u, int q, int fd, struct zc_fuse_worker *w,
+void zc_uring_serve(struct zc_uring *u, int q, int k, int fd, struct zc_fuse_worker *w,
 		    struct zc_uring_qstats *st)
 {
 	struct qring r;
@@ -591,21 +593,22 @@ void zc_uring_serve(struct zc_uring *u, int q, int fd, struct zc_fuse_worker *w,
 	r.q = q;
 	r.devfd = fd;
 	r.ringfd = -1;
-	pin_to(q);
+	r.n = ZC_URING_DEPTH / ZC_URING_THREADS;
+	r.first = k * r.n;
 	while (ring_setup(&r)) { /* never give the queue up while the connection lives */
 		bump(&st->errors);
 		if (!zc_fuse_connected(w))
 			return;
 		nap(ZC_RETRY_NS);
 	}
-	for (int i = 0; i < ZC_URING_DEPTH; i++)
+	for (int i = r.first; i < r.first + r.n; i++)
 		adopt_slot(&r, i);
 	while (enter(&r, 0)) {
 		bump(&st->errors);
 		nap(ZC_RETRY_NS);
 	}
 	atomic_store(&st->serving, 1);
-	if (zc_fuse_resumed(w) && zc_fuse_kick_path(w))
+	if (k == 0 && zc_fuse_resumed(w) && zc_fuse_kick_path(w))
 		kick_queue(q, zc_fuse_kick_path(w));
 	while (!all_gone(&r)) {
 		int rc = enter(&r, 1);

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #define ZC_URING_DEPTH 4       /* ring entries per queue */
+#define ZC_URING_THREADS 2     /* threads (rings) per queue, each with DEPTH / THREADS entries */
 #define ZC_URING_MAX_QUEUES 64 /* the kernel makes one queue per possible CPU */
 
 struct zc_uring;
@@ -35,10 +36,13 @@ struct zc_uring_qstats {
 	_Atomic int serving;         /* 1 once the queue's entries are registered */
 };
 
-/* Serve queue q on the connection of descriptor fd, decoding with worker w, until the
- * connection goes away.  The caller's thread runs it (signals blocked); it pins itself to
- * CPU q, so the kernel's queue q (the CPU of the task that makes a request) stays local. */
-void zc_uring_serve(struct zc_uring *u, int q, int fd, struct zc_fuse_worker *w,
+/* Serve share k (0 <= k < ZC_URING_THREADS) of queue q's entries on the connection of
+ * descriptor fd, decoding with worker w, until the connection goes away.  The caller's
+ * thread runs it (signals blocked).  A queue gets the requests of the tasks on CPU q (all a
+ * loop device's worker makes, say), so one thread per queue would serve them one at a time:
+ * each share has its own ring and thread, and the kernel hands a request to whichever entry
+ * is free. */
+void zc_uring_serve(struct zc_uring *u, int q, int k, int fd, struct zc_fuse_worker *w,
 		    struct zc_uring_qstats *st);
 
 #endif

@@ -242,7 +242,11 @@ class Readers(Background):
                 self.errors.append(f"I/O error: {e}")
         finally:
             if fd >= 0:
-                os.close(fd)
+                try:
+                    os.close(fd)  # FLUSH: a request too
+                except OSError as e:
+                    with self._lock:
+                        self.errors.append(f"I/O error at close: {e}")
 
 
 def write_first_versions(image: Path, pages: int) -> None:
