@@ -145,9 +145,9 @@ def run(quick: bool) -> dict[str, Any]:
     corpus = heap_pages(size)
     zram = _zram(corpus, runtime)
     res: dict[str, Any] = {"device_MiB": size // MiB, "zram_lz4": zram}
-    from zcached.transport import _unavailable
+    from zcached.transport import unavailable
 
-    names = [v for v in VARIANTS if v != "uring" or _unavailable() is None]
+    names = [v for v in VARIANTS if v != "uring" or unavailable() is None]
     for v in names:
         res[f"zcached_{v}"] = _zcached(corpus, runtime, v)
     res["disk_loop"] = _disk(corpus, runtime)

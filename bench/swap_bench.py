@@ -519,9 +519,9 @@ def compare(
     zf, kf = z["at_fill"], k["at_fill"]
     extra: dict[str, Any] = {}
     if uring:
-        from zcached.transport import _unavailable
+        from zcached.transport import unavailable
 
-        if _unavailable() is None:
+        if unavailable() is None:
             u = _one("zcached_uring", nbytes, limit, passes, corpus)
             extra = {
                 "zcached_uring": u,

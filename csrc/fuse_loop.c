@@ -54,13 +54,15 @@
  *     them with relaxed loads from any thread: each value is exact, the sum may be one request
  *     stale.  Requests and errors are counted before the reply is written (once the caller
  *     has its answer, the stats show it); latency after, as in fuse.py.
- *  T5 initialized, kernel_minor and io_flusher_failed are relaxed atomics any worker may set.
+ *  T5 initialized, kernel_minor and io_flusher_failed are atomics any worker may set
+ *     (relaxed, but initialized: stored with release after INIT's front words, so a ring
+ *     worker that loads it with acquire also sees whether io_uring was negotiated, T7).
  *  T6 Workers run with every signal blocked; they end when the connection goes away (ENODEV
  *     or EPERM from read(2), ENODEV from write(2)) or on an unexpected read error.
- *  T7 With zc_fuse_set_uring, one more worker per ring queue (slots nthreads..nslots-1) runs
- *     zc_uring_serve (fuse_uring.c) once INIT was answered and negotiated io_uring; it decodes
- *     with zc_fuse_call, the same handlers over the io_uring layout (arg / wdata / rdata in
- *     struct zc_req instead of one buffer).  The /dev/fuse workers stay: INIT, FORGET,
+ *  T7 With zc_fuse_set_uring, ZC_URING_THREADS more workers per ring queue (slots
+ *     nthreads..nslots-1) run zc_uring_serve (fuse_uring.c) once INIT was answered and
+ *     negotiated io_uring; they decode with zc_fuse_call, the same handlers over the io_uring
+ *     layout (arg / wdata / rdata in struct zc_req instead of one buffer).  The /dev/fuse workers stay: INIT, FORGET,
  *     INTERRUPT and resent requests still come that way.
  *
  * TAKING OVER A CONNECTION (crash recovery, live upgrade)
@@ -211,8 +213,9 @@ struct zc_fuse {
 	_Atomic uint64_t spin_ns; /* SPIN: zc_fuse_set_spin, read by workers (relaxed) */
 	_Atomic int spinning; /* SPIN: 1 while some worker spins */
 	_Atomic uint32_t kernel_minor;
-	/* io_uring (fuse_uring.c): set by zc_fuse_set_uring only (T1); ring worker q is slot
-	 * nthreads + q of workers[] and counts in qst[q]. */
+	/* io_uring (fuse_uring.c): set by zc_fuse_set_uring only (T1); ring worker j (share
+	 * j % ZC_URING_THREADS of queue j / ZC_URING_THREADS) is slot nthreads + j of workers[]
+	 * and counts in qst[j]. */
 	struct zc_uring *uring;
 	int nrings, nslots;
 	char *kick_path;
@@ -704,6 +707,13 @@ static void send_reply(struct zc_fuse_worker *w, const struct iovec *iov,
 		count(&w->st.internal_errors, 1);
 }
 
+/* A request the kernel sent again (unique bit 63): rare, only after a server died. */
+static void count_resent(struct zc_fuse_worker *w, uint64_t unique)
+{
+	if (unique & ZC_UNIQUE_RESEND)
+		__atomic_fetch_add(&zc_store_front(w->f->s)[ZC_FRONT_RESENT], 1u, __ATOMIC_RELAXED);
+}
+
 /* Count a request once it has its answer (T4: before the reply is sent). */
 static void count_request(struct zc_fuse_worker *w, unsigned op, int err, int bad)
 {
@@ -766,8 +776,7 @@ int zc_fuse_handle(struct zc_fuse_worker *w, uint8_t *buf, size_t n, zc_fuse_wri
 	r.wdata_len = n >= ZC_WRITE_DATA ? n - ZC_WRITE_DATA : 0;
 	r.rdata = w->obuf + ZC_PAGE_SIZE; /* the out header just before it: one iovec */
 	op = op_slot(r.h.opcode);
-	if (r.h.unique & ZC_UNIQUE_RESEND) /* rare: only after a server died */
-		__atomic_fetch_add(&zc_store_front(w->f->s)[ZC_FRONT_RESENT], 1u, __ATOMIC_RELAXED);
+	count_resent(w, r.h.unique);
 	if (no_reply(r.h.opcode)) {
 		count_request(w, op, 0, r.h.len != n);
 		return 0;
@@ -806,8 +815,7 @@ int zc_fuse_call(struct zc_fuse_worker *w, struct zc_fuse_call *c)
 	r.rdata = c->rdata;
 	c->body = NULL;
 	c->body_len = 0;
-	if (c->h.unique & ZC_UNIQUE_RESEND)
-		__atomic_fetch_add(&zc_store_front(w->f->s)[ZC_FRONT_RESENT], 1u, __ATOMIC_RELAXED);
+	count_resent(w, c->h.unique);
 	err = c->malformed ? malformed(&r) : answer(&r, &c->body, &c->body_len);
 	count_request(w, op, err, r.malformed);
 	count_latency(w, op, t0);

@@ -126,7 +126,7 @@ struct area_hdr {
 	uint64_t slot_size;
 };
 
-_Static_assert(sizeof(struct kern_req_header) + 0 <= ZC_REC_OFF, "header before the record");
+_Static_assert(sizeof(struct kern_req_header) <= ZC_REC_OFF, "header before the record");
 _Static_assert(ZC_REC_OFF + sizeof(struct zc_ring_rec) <= ZC_SLOT_HDR, "record in 4K");
 
 struct zc_uring {
@@ -263,6 +263,14 @@ static void ring_close(struct qring *r)
 	r->ringfd = -1;
 }
 
+/* A shared mapping of the ring's region at `off`, or NULL. */
+static void *map_ring(int fd, size_t len, off_t off)
+{
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, off);
+
+	return p == MAP_FAILED ? NULL : p;
+}
+
 static int ring_setup(struct qring *r)
 {
 	struct io_uring_params p;
@@ -281,18 +289,10 @@ static int ring_setup(struct qring *r)
 	sqsz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
 	cqsz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
 	r->sq_len = sqsz > cqsz ? sqsz : cqsz;
-	r->sq_map = mmap(NULL, r->sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-			 r->ringfd, IORING_OFF_SQ_RING);
-	if (r->sq_map == MAP_FAILED) {
-		r->sq_map = NULL;
-		ring_close(r);
-		return -ENOMEM;
-	}
 	r->sqe_len = p.sq_entries * 128u;
-	r->sqe_map = mmap(NULL, r->sqe_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-			  r->ringfd, IORING_OFF_SQES);
-	if (r->sqe_map == MAP_FAILED) {
-		r->sqe_map = NULL;
+	r->sq_map = map_ring(r->ringfd, r->sq_len, IORING_OFF_SQ_RING);
+	r->sqe_map = map_ring(r->ringfd, r->sqe_len, IORING_OFF_SQES);
+	if (!r->sq_map || !r->sqe_map) {
 		ring_close(r);
 		return -ENOMEM;
 	}
@@ -348,17 +348,16 @@ static int enter(struct qring *r, unsigned wait)
 	long n = syscall(__NR_io_uring_enter, r->ringfd, r->queued, wait,
 			 wait ? IORING_ENTER_GETEVENTS : 0, NULL, 0);
 
+	unsigned took;
+
 	if (n < 0)
 		return -errno;
-	for (long k = 0; k < n && k < (long)r->queued; k++)
+	took = n < (long)r->queued ? (unsigned)n : r->queued;
+	for (unsigned k = 0; k < took; k++)
 		if (r->fifo[k] >= 0)
 			set_state(slot_rec(r, r->fifo[k]), RS_KERNEL);
-	if (n > 0) {
-		unsigned left = r->queued - (unsigned)(n < (long)r->queued ? n : (long)r->queued);
-
-		memmove(r->fifo, r->fifo + (r->queued - left), left * sizeof(int));
-		r->queued = left;
-	}
+	r->queued -= took;
+	memmove(r->fifo, r->fifo + took, r->queued * sizeof(int));
 	return 0;
 }
 

@@ -47,6 +47,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def loop_device(path: str) -> Iterator[str]:
+    """A loop device (direct I/O) over ``path`` for the length of a ``with`` block."""
+    dev = subprocess.run(
+        ["losetup", "--direct-io=on", "--show", "-f", path],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+
+
 def _mountinfo_points() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4].replace("\\040", " ") for line in f]

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from conftest import loop_device
 
 from zcached.compactor import CompactionPolicy, Compactor
 from zcached.core import CoreFuseServer, CoreStore
@@ -72,18 +73,12 @@ def loopdev(store: Store, tmp_path: os.PathLike[str]) -> Iterator[str]:
         srv = FuseServer(
             store, mnt, SIZE, threads=HEAPS, thread_init=lambda: pool.bind_heap(next(heap_ids))
         )
-    dev = ""
     try:
         srv.mount()
         srv.start()
-        dev = subprocess.run(
-            ["losetup", "--direct-io=on", "--show", "-f", srv.image_path],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
-        yield dev
+        with loop_device(srv.image_path) as dev:
+            yield dev
     finally:
-        if dev:
-            subprocess.run(["losetup", "-d", dev], check=True)
         srv.stop()
         while _mounted(mnt):  # only if stop() failed
             subprocess.run(["umount", "-l", mnt], check=False)

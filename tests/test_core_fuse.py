@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import loop_device
 from test_fuse import _aligned, _dio_read, _dio_write, _mounted
 
 from zcached.core import CoreFuseServer, CoreStore
@@ -70,20 +71,10 @@ def server(store: CoreStore, mountdir: str) -> Iterator[CoreFuseServer]:
     assert not _mounted(mountdir)
 
 
-def _losetup(path: str) -> str:
-    return subprocess.run(
-        ["losetup", "--direct-io=on", "--show", "-f", path],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-
-
 @pytest.fixture
 def loopdev(server: CoreFuseServer) -> Iterator[str]:
-    dev = _losetup(server.image_path)
-    try:
+    with loop_device(server.image_path) as dev:
         yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=True)
 
 
 def test_one_file_0600_fixed_size(server: CoreFuseServer, mountdir: str) -> None:
@@ -285,14 +276,13 @@ def test_memory_limit_is_enospc_and_keeps_old_data(mountdir: str) -> None:
 
 def test_stop_while_loop_device_attached(store: CoreStore, mountdir: str) -> None:
     srv = _serve(store, mountdir)
-    dev = _losetup(srv.image_path)
     try:
-        srv.stop()  # busy: lazy unmount + connection abort; must not hang
-        assert not _mounted(mountdir)
-        with pytest.raises(OSError):
-            _dio_read(dev, 0, 4096)  # the daemon is gone: errors, not zeros
+        with loop_device(srv.image_path) as dev:
+            srv.stop()  # busy: lazy unmount + connection abort; must not hang
+            assert not _mounted(mountdir)
+            with pytest.raises(OSError):
+                _dio_read(dev, 0, 4096)  # the daemon is gone: errors, not zeros
     finally:
-        subprocess.run(["losetup", "-d", dev], check=True)
         srv.stop()
 
 

@@ -30,6 +30,7 @@ import pytest
 from conftest import HANG, Daemon, active_swaps, run_cli, swap_used_kib, traces
 
 from zcached.daemon import lock_path
+from zcached.transport import unavailable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mount(2), losetup, swapon")
 
@@ -402,17 +403,11 @@ def verify_all(w: subprocess.Popen[str]) -> None:
     assert w.wait(timeout=HANG) == 0
 
 
-def _uring_unavailable() -> str | None:
-    from zcached.transport import _unavailable
-
-    return _unavailable()
-
-
 # The real-swap and fio-verify tests run on both transports (where the kernel offers io_uring).
 TRANSPORTS = [
     "auto",
     pytest.param("uring", marks=pytest.mark.skipif(
-        _uring_unavailable() is not None, reason=str(_uring_unavailable()))),
+        unavailable() is not None, reason=str(unavailable()))),
 ]  # fmt: skip
 
 

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from conftest import loop_device
 
 from zcached.fuse import FuseServer, MountError
 
@@ -114,14 +115,8 @@ def server(backend: Recorder, mountdir: str) -> Iterator[FuseServer]:
 
 @pytest.fixture
 def loopdev(server: FuseServer) -> Iterator[str]:
-    dev = subprocess.run(
-        ["losetup", "--direct-io=on", "--show", "-f", server.image_path],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    try:
+    with loop_device(server.image_path) as dev:
         yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=True)
 
 
 def _aligned(n: int) -> mmap.mmap:

@@ -13,29 +13,17 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
-from conftest import HANG, Daemon, traces
-from test_daemon import NOTHING, TRANSPORTS, _uring_unavailable
+from conftest import HANG, Daemon, loop_device, traces
+from test_daemon import NOTHING, TRANSPORTS
 from test_keeper import Readers, server_pid, wait_new_server, write_first_versions
 
 from zcached import transport
+from zcached.transport import unavailable
 
-needs_uring = pytest.mark.skipif(_uring_unavailable() is not None, reason=str(_uring_unavailable()))
-
-
-@contextmanager
-def loop_over(image: str) -> Iterator[str]:
-    dev = subprocess.run(
-        ["losetup", "--direct-io=on", "--show", "-f", image],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=True)
+needs_uring = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
 
 def param() -> str | None:
@@ -50,7 +38,7 @@ def test_fio_verify_through_a_loop_device(daemon_factory: Callable[..., Daemon],
     before = param()
     d = daemon_factory("256M", "--no-swap", "--io-transport", how).start()
     assert param() == before  # put back once INIT was answered
-    with loop_over(str(d.image)) as dev:
+    with loop_device(str(d.image)) as dev:
         r = subprocess.run(
             ["fio", "--name=verify", f"--filename={dev}", "--rw=randwrite", "--bs=4k",
              "--bsrange=4k-1M", "--iodepth=32", "--ioengine=libaio", "--direct=1",

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--io-transport",
-        choices=("auto", "dev", "uring"),
+        choices=cfgmod.TRANSPORTS,
         help="FUSE requests over /dev/fuse (dev) or io_uring (uring); default auto",
     )
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -29,6 +29,7 @@ MAX_SIZE = (1 << 40) - PAGE  # the C core's handles have 29 bits: 2^28 - 1 pages
 MAX_IO_THREADS = 64  # the C core's Hoard heaps (one per FUSE worker)
 MAX_IO_SPIN_US = 1000  # csrc/fuse_loop.h ZC_FUSE_MAX_SPIN_NS
 COMPRESSORS = ("lz4", "zstd")
+TRANSPORTS = ("auto", "dev", "uring")  # io_transport (zcached/transport.py)
 LEVELS = {"lz4": (1, 12), "zstd": (-7, 22)}
 
 
@@ -349,7 +350,7 @@ def build(raw: dict[str, Any]) -> Config:
         raise ConfigError(f"io_spin_us: must be in [0, {MAX_IO_SPIN_US}], got {spin}")
     transport = _typed("io_transport", raw.get("io_transport", Config.io_transport), str,
                        '"auto", "dev" or "uring"')  # fmt: skip
-    if transport not in ("auto", "dev", "uring"):
+    if transport not in TRANSPORTS:
         raise ConfigError(f'io_transport: must be "auto", "dev" or "uring", got {transport!r}')
     return Config(
         size=size,

@@ -22,7 +22,6 @@ from zcached import _core
 log = logging.getLogger("zcached")
 
 PARAM = Path("/sys/module/fuse/parameters/enable_uring")
-TRANSPORTS = ("auto", "dev", "uring")
 
 
 class TransportError(Exception):
@@ -48,7 +47,7 @@ class Choice:
             log.warning("cannot put fuse.enable_uring back to %s: %s", before, e.strerror)
 
 
-def _unavailable() -> str | None:
+def unavailable() -> str | None:
     """Why FUSE over io_uring cannot be had here, or None."""
     if not PARAM.exists():
         return "this kernel has no FUSE over io_uring (no fuse.enable_uring: Linux 6.14+)"
@@ -58,9 +57,9 @@ def _unavailable() -> str | None:
 
 
 # Why "auto" is /dev/fuse even where io_uring is there (docs/fuse-layer.md has the figures):
-# on Linux 6.14..6.18 a request the kernel hands to a ring entry of a server that is exiting
-# fails with ECANCELED (IO_URING_F_TASK_DEAD), so a server's crash or upgrade can fail swap
-# I/O, which /dev/fuse's FUSE_NOTIFY_RESEND never does; and at QD1 the ring is no faster.
+# on this kernel (6.18) the requests it had handed to a ring entry of a server that is exiting
+# fail with ECANCELED, so a server's crash or upgrade can fail swap I/O, which /dev/fuse's
+# FUSE_NOTIFY_RESEND never does; and the swap workload measured slower over the rings.
 AUTO_WHY = (
     "/dev/fuse (io_transport = auto: on this kernel a server's crash or upgrade over io_uring"
     " can fail requests in flight; io_transport = uring takes that risk for depth)"
@@ -72,7 +71,7 @@ def choose(setting: str) -> Choice:
     had.  For io_uring, ``enable_uring`` is Y when this returns (``Choice.restore`` later)."""
     if setting == "dev":
         return Choice("dev", "/dev/fuse (io_transport = dev)")
-    why = _unavailable()
+    why = unavailable()
     if setting == "auto":
         return Choice("dev", f"/dev/fuse: {why}" if why else AUTO_WHY)
     if why is None:
