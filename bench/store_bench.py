@@ -11,8 +11,7 @@ swap sends them, and the same bytes into kernel zram with lz4 (bench.zram.Zram),
 * the same after discarding a random half of the pages and compacting both (swap frees pages in
   random order; this is where allocators differ).
 * metadata bytes per stored page: the page table's and the allocator's.
-* store write and read throughput (MB/s of page data) for 4K and 1 MiB requests, LZ4 and zstd,
-  and the effect of the helper threads on zstd/LZ4 batches (``batch_threads``).
+* store write and read throughput (MB/s of page data) for 4K and 1 MiB requests, LZ4 and zstd.
 
 Run alone: ``.venv/bin/python -m bench.store_bench [--quick]`` prints the dict as JSON.
 """
@@ -147,27 +146,6 @@ def throughput(data: bytes) -> dict[str, Any]:
     return out
 
 
-def batch_threads(data: bytes, repeats: int = 2) -> dict[str, Any]:
-    """1 MiB and 128 KiB writes with and without the helper threads (best of ``repeats``)."""
-    n = len(data)
-    out: dict[str, Any] = {}
-    for name, level in (("lz4", None), ("zstd", 3)):
-        for req in (128 * 1024, MiB):
-            best = {False: 0.0, True: 0.0}
-            for _ in range(repeats):
-                for threads in (False, True):
-                    store = PageStore(n, compressor=name, level=level)
-                    store._parallel = threads and store._workers > 1
-                    best[threads] = max(best[threads], _mbps(n, _write(store, data, req)))
-                    store.close()
-            out[f"{name}_{req // 1024}k"] = {
-                "loop_mbps": best[False],
-                "threads_mbps": best[True],
-                "used_by_store": PageStore(PAGE_SIZE, compressor=name)._parallel,
-            }
-    return out
-
-
 def codec_micro(data: bytes, pages: int = 2000) -> dict[str, Any]:
     """Microseconds per 4K page of the checksum and same-filled candidates (codec's choices)."""
     import timeit
@@ -207,7 +185,6 @@ def run(quick: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"corpus_bytes": len(data)}
     result["memory"] = memory_vs_zram(data)
     result["throughput"] = throughput(sample)
-    result["batch_threads"] = batch_threads(sample)
     result["codec_micro"] = codec_micro(sample)
     full = result["memory"]["full"]
     result["summary"] = {

@@ -125,11 +125,6 @@ class Codec:
             raise ValueError(f"huge_threshold must be in 1..{PAGE_SIZE}")
         self.name = name
         self.huge_threshold = huge_threshold
-        # Whether a batch of pages is worth encoding on several threads: zstd spends most of a
-        # page in C with the GIL released (measured 1.5x for the encoding alone on 2 cores, 1.1x
-        # to 1.3x for whole store writes of 128 KiB..1 MiB); LZ4 is so fast that the GIL
-        # hand-offs cost more than they win (measured 0.65x..0.75x).
-        self.parallel_batches = name == "zstd"
         self._local = threading.local()
         if name == "lz4":
             # lz4 block "acceleration" (>= 1; higher is faster and compresses less).

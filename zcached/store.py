@@ -67,32 +67,26 @@ LOCKING
    race another writer of the same page).
  * xcfmalloc's own locks are taken inside stripe locks (through its methods), never the other
    way round.
- * ``_stat_lock`` guards the counters; it is a leaf lock held for a few integer additions.
-   The two hot paths do not take it: a 4K read (and every multi-page read) counts its pages in
-   ``_stripe_reads[stripe]`` and a 4K write counts its page's state change and the write in
-   ``_stripe_counts``/``_stripe_writes`` while holding the stripe lock it takes anyway (each
-   slot has one writer at a time: the holder of its stripe lock); :meth:`PageStore.stats` adds
-   them up.  compr_data_size is the allocator's requested_bytes (the pool holds only this
-   store's objects), so replacing an object needs no ``size()`` call.
+ * ``_stat_lock`` guards the counters; it is a leaf lock held for a few integer additions
+   (taken after the stripe locks are released, never inside them).  compr_data_size is the
+   allocator's requested_bytes (the pool holds only this store's objects), so replacing an
+   object needs no ``size()`` call.
 
-Batches: a write of several whole pages encodes (and stores) them outside the locks.  LZ4
-batches run in one plain loop.  zstd batches of at least PARALLEL_MIN_PAGES (32 = 128 KiB) pages
-are *encoded* in equal parts by the calling thread and ``min(cpu_count, 4) - 1`` helper threads,
-then stored in the allocator by the calling thread.  Measured on the 2-core VM with heap pages
-(whole store, bench/store_bench.py "batch_threads"): zstd-3 145 -> 189 MB/s for 1 MiB writes and
-149 -> 165 MB/s for 128 KiB; LZ4 216 -> 160 MB/s (slower: its 2 us per page is less than the
-cost of the GIL hand-offs), and storing from the helpers too gained nothing (xcfmalloc is Python
-code that holds the GIL).  ``codec.Codec.parallel_batches`` says which codecs take the threads.
-A 4K request never leaves its thread and has its own short path (:meth:`PageStore._write_page`).
+One path per act.  The C core (csrc/store.c) carries the speed; this module is its
+specification, so a 4K swap-in and a 1 MiB write take the same path: a read snapshots its pages
+under their stripe locks and decodes them after; a write encodes and stores its whole pages
+outside the locks, then merges its unaligned edges and commits everything under the locks
+(:meth:`PageStore._commit_request`).  Earlier versions had a 4K fast path and helper threads
+for zstd batches while this was the data path; they went when the C core took it over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import os
 import threading
 from array import array
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
@@ -115,7 +109,6 @@ RECOMPRESS_REPORT: Final = (
     "scanned", "candidates", "recompressed", "kept", "raced", "failed",
     "bytes_before", "bytes_after", "dict",
 )  # fmt: skip
-PARALLEL_MIN_PAGES: Final = 32  # batches from 128 KiB up may be encoded by several threads
 
 Entry = tuple[int, int, int, int, int]  # (page, state, handle or word low, csum or word high, size)
 
@@ -192,22 +185,6 @@ class PageStore:
         self._epoch = 0
         self._recompressed = 0
         self._locks = [threading.Lock() for _ in range(NSTRIPES)]
-        # Pages read, per stripe, counted under the stripe lock (no stats lock on reads) when
-        # their request takes its snapshot, so the pages of a request that then fails its
-        # checks count too (the counter only grows: Prometheus exports it as a counter).
-        self._stripe_reads = [0] * NSTRIPES
-        self._aread = self.allocator.read
-        self._decode = self.codec.decode_checked
-        self._astore = self.allocator.store
-        self._afree = self.allocator.free
-        # Per stripe, 4 slots (EMPTY, SAME, COMPRESSED, HUGE): changes in the number of pages
-        # in each state made by 4K writes, and the pages those writes wrote, counted under the
-        # stripe lock.  stats() adds them to the stats-lock counters.
-        self._stripe_counts = [0] * (4 * NSTRIPES)
-        self._stripe_writes = [0] * NSTRIPES
-        self._workers = max(1, min(os.cpu_count() or 1, 4))
-        self._parallel = self.codec.parallel_batches and self._workers > 1
-        self._pool: ThreadPoolExecutor | None = None
         self._stat_lock = threading.Lock()
         self._pages_stored = 0
         self._same = 0
@@ -242,6 +219,18 @@ class PageStore:
             return self._locks
         return [self._locks[i] for i in sorted({r & STRIPE_MASK for r in range(lo, hi + 1)})]
 
+    @contextlib.contextmanager
+    def _locked(self, first: int, last: int) -> Iterator[None]:
+        """Hold the stripe locks of pages first..last (inclusive)."""
+        locks = self._locks_for(first, last)
+        for lock in locks:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size_bytes:
             raise StoreError(
@@ -253,79 +242,25 @@ class PageStore:
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; StoreError(EIO) if any page fails verification."""
-        if length == PAGE_SIZE and not offset & PAGE_MASK and 0 <= offset < self.size_bytes:
-            return self._read_page(offset >> PAGE_SHIFT)  # a swap-in: the hot path
         self._check_range(offset, length)
         if length == 0:
             return b""
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT
         start = offset & PAGE_MASK
-        if first == last:
-            return self._read_page(first)[start : start + length]
-        data = b"".join(self._read_pages(first, last))
-        if start == 0 and len(data) == length:
-            return data
-        return data[start : start + length]
-
-    def _read_page(self, p: int) -> bytes:
-        """Page p, verified.  _snapshot + _materialise inlined (this runs for every 4K swap-in);
-        the read is counted in its stripe's counter under the stripe lock it holds anyway."""
-        s = (p >> STRIPE_SHIFT) & STRIPE_MASK
-        stored = b""
-        with self._locks[s]:
-            state = self._state[p]
-            h = self._handle[p]
-            csum = self._csum[p]
-            cold = self._cold[p]
-            if state > SAME:
-                stored = self._aread(h)
-            self._stripe_reads[s] += 1
-            self._touch(p)
-        if state > SAME:
-            try:
-                return self._decode_entry(state, cold, stored, csum)
-            except CodecError as e:
-                self._integrity_error(p, str(e))
-        if state == EMPTY:
-            return _ZERO_PAGE
-        return codec.fill_page((csum << 32) | h)
+        return b"".join(self._read_pages(first, last))[start : start + length]
 
     def _read_pages(self, first: int, last: int) -> list[bytes]:
         """Pages first..last, verified: one snapshot of them all under their stripe locks (so
-        the request sees no half-done write), then decoding and checks outside the locks."""
-        state, handles, csums, aread = self._state, self._handle, self._csum, self._aread
-        locks = self._locks_for(first, last)
-        for lock in locks:
-            lock.acquire()
-        try:
-            entries = [
-                (p, st, csums[p], aread(handles[p]) if st > SAME else handles[p])
-                for p, st in enumerate(state[first : last + 1], first)
-            ]
-            colds = self._cold[first : last + 1]
-            self._stripe_reads[(first >> STRIPE_SHIFT) & STRIPE_MASK] += len(entries)
+        the request sees no half-done write), then decoding and checks outside the locks.  The
+        pages count as read once snapshotted, also those of a request that then fails."""
+        with self._locked(first, last):
+            snaps = [self._snapshot(p) for p in range(first, last + 1)]
             for p in range(first, last + 1):
                 self._touch(p)
-        finally:
-            for lock in reversed(locks):
-                lock.release()
-        decode = self._decode_entry
-        pages: list[bytes] = []
-        append = pages.append
-        for (p, st, csum, stored), cold in zip(entries, colds, strict=True):
-            if st > SAME:
-                assert isinstance(stored, bytes)
-                try:
-                    append(decode(st, cold, stored, csum))
-                except CodecError as e:
-                    self._integrity_error(p, str(e))
-            elif st == EMPTY:
-                append(_ZERO_PAGE)
-            else:
-                assert isinstance(stored, int)
-                append(codec.fill_page((csum << 32) | stored))
-        return pages
+        with self._stat_lock:
+            self._reads += len(snaps)
+        return [self._materialise(p, snap) for p, snap in enumerate(snaps, first)]
 
     def _touch(self, p: int) -> None:
         """Page p was read or written (caller holds its stripe lock): young, not tried."""
@@ -334,7 +269,7 @@ class PageStore:
     def _decode_entry(self, state: int, cold: int, stored: bytes, csum: int) -> bytes:
         """The page an object holds, verified against csum; CodecError otherwise."""
         if not cold:
-            return self._decode(state, stored, csum)
+            return self.codec.decode_checked(state, stored, csum)
         page = codec.decode_cold(stored)
         if codec.checksum(page) != csum:
             raise CodecError("checksum mismatch")
@@ -375,12 +310,9 @@ class PageStore:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``offset``.  ENOSPC at the pool limit, EIO if an unaligned edge page
         it must merge with is corrupt; either way no page of the device changes."""
-        buf = data if type(data) is bytes else memoryview(data).cast("B").tobytes()
+        buf = bytes(data)
         length = len(buf)
         self._check_range(offset, length)
-        if length == PAGE_SIZE and not offset & PAGE_MASK:
-            self._write_page(offset >> PAGE_SHIFT, buf)
-            return
         if length == 0:
             return
         end = offset + length
@@ -388,18 +320,13 @@ class PageStore:
         last = (end - 1) >> PAGE_SHIFT
         full_lo = (offset + PAGE_MASK) >> PAGE_SHIFT  # first page the request covers wholly
         full_hi = end >> PAGE_SHIFT  # one past the last page it covers wholly
-        # Whole pages: encode and store outside any lock.
         new: list[Entry] = []
         try:
             pos = (full_lo << PAGE_SHIFT) - offset
-            if full_hi - full_lo >= PARALLEL_MIN_PAGES and self._parallel:
-                new = self._encode_parallel(buf, pos, full_lo, full_hi)
-            elif full_lo < full_hi:
-                new = self._encode_run(buf, pos, full_lo, full_hi)
-            if full_lo <= full_hi and first == full_lo and last == full_hi - 1:
-                old = self._commit(first, last, new)  # aligned: no edge pages
-            else:
-                old = self._write_edges(offset, buf, first, last, full_lo, full_hi, new)
+            for p in range(full_lo, full_hi):  # whole pages: encoded and stored outside locks
+                new.append(self._encode_store(p, buf[pos : pos + PAGE_SIZE]))
+                pos += PAGE_SIZE
+            old = self._commit_request(offset, buf, first, last, full_lo, full_hi, new)
         except BaseException as e:
             self._drop(new)
             with self._stat_lock:
@@ -409,102 +336,11 @@ class PageStore:
             raise
         self._release(old, added=new, io_pages=last - first + 1)
 
-    def _write_page(self, p: int, page: bytes) -> None:
-        """The fast path: one aligned 4K page (what swap sends most), no lists, no hand-off,
-        no stats lock: the page's state change is counted in its stripe's counters under the
-        stripe lock it takes anyway."""
-        kind, payload, csum = self.codec.encode(page)
-        if kind == SAME:
-            assert isinstance(payload, int)
-            h, csum = payload & U32, payload >> 32
-        else:
-            assert isinstance(payload, bytes)
-            try:
-                h = self._astore(payload)
-            except PoolFullError as e:
-                with self._stat_lock:
-                    self._failed_writes += 1
-                raise StoreError(errno.ENOSPC, f"pool memory limit reached: {e}") from None
-        state, handle = self._state, self._handle
-        s = (p >> STRIPE_SHIFT) & STRIPE_MASK
-        counts = self._stripe_counts
-        with self._locks[s]:
-            old_state, old_h = state[p], handle[p]
-            state[p] = kind
-            handle[p] = h
-            self._csum[p] = csum
-            self._cold[p] = 0
-            self._touch(p)
-            self._stripe_writes[s] += 1
-            s <<= 2
-            counts[s + kind] += 1
-            counts[s + old_state] -= 1  # slot EMPTY of a stripe: meaningless, never read
-        if old_state > SAME:
-            self._afree(old_h)
-
-    def _encode_run(self, buf: bytes, pos: int, lo: int, hi: int) -> list[Entry]:
-        """Encode and store pages lo..hi-1 taken from buf[pos:]; all or nothing."""
-        encode, store = self.codec.encode, self.allocator.store
-        out: list[Entry] = []
-        try:
-            for p in range(lo, hi):
-                kind, payload, csum = encode(buf[pos : pos + PAGE_SIZE])
-                pos += PAGE_SIZE
-                if kind == SAME:
-                    assert isinstance(payload, int)
-                    out.append((p, SAME, payload & U32, payload >> 32, 0))
-                else:
-                    assert isinstance(payload, bytes)
-                    out.append((p, kind, store(payload), csum, len(payload)))
-        except BaseException:
-            self._drop(out)
-            raise
-        return out
-
-    def _encode_parallel(self, buf: bytes, pos: int, lo: int, hi: int) -> list[Entry]:
-        """Encode pages lo..hi-1 in equal parts on several threads (the caller takes the first
-        part), then store them from the calling thread: xcfmalloc runs with the GIL held, so
-        storing from the helpers only adds GIL hand-offs (measured)."""
-        pool = self._pool
-        if pool is None:
-            with self._stat_lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(
-                        max_workers=self._workers - 1, thread_name_prefix="zcached-encode"
-                    )
-                pool = self._pool
-        step = -(-(hi - lo) // self._workers) * PAGE_SIZE
-        stop = pos + (hi - lo) * PAGE_SIZE
-        futures = [
-            pool.submit(_encode_pages, self.codec, buf, start, min(start + step, stop))
-            for start in range(pos + step, stop, step)
-        ]
-        encoded = _encode_pages(self.codec, buf, pos, min(pos + step, stop))
-        for f in futures:
-            encoded += f.result()
-        out: list[Entry] = []
-        store = self.allocator.store
-        try:
-            for p, (kind, payload, csum) in enumerate(encoded, lo):
-                if kind == SAME:
-                    assert isinstance(payload, int)
-                    out.append((p, SAME, payload & U32, payload >> 32, 0))
-                else:
-                    assert isinstance(payload, bytes)
-                    out.append((p, kind, store(payload), csum, len(payload)))
-        except BaseException:
-            self._drop(out)
-            raise
-        return out
-
     def close(self) -> None:
-        """Stop the helper threads (the store stays usable; they restart on demand)."""
-        with self._stat_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        """Nothing to release: the store holds no threads or descriptors (CoreStore's
+        interface, which does)."""
 
-    def _write_edges(
+    def _commit_request(
         self,
         offset: int,
         buf: bytes,
@@ -514,25 +350,19 @@ class PageStore:
         full_hi: int,
         new: list[Entry],
     ) -> list[tuple[int, int, int]]:
-        """Read-modify-write the unaligned first/last page under the lock, then commit all."""
+        """Under the request's stripe locks: read-modify-write its unaligned first and last
+        page (if any), then commit all its entries at once; returns the replaced entries."""
         end = offset + len(buf)
-        locks = self._locks_for(first, last)
-        for lock in locks:
-            lock.acquire()
-        try:
-            edges = [first] if first < full_lo or full_hi <= first else []
-            if last != first and (last >= full_hi):
-                edges.append(last)
-            for p in edges:
+        with self._locked(first, last):
+            for p in sorted({first, last}):
+                if full_lo <= p < full_hi:
+                    continue  # covered wholly: already encoded
                 base = p << PAGE_SHIFT
                 lo, hi = max(offset, base), min(end, base + PAGE_SIZE)
                 page = self._materialise(p, self._snapshot(p))
                 merged = page[: lo - base] + buf[lo - offset : hi - offset] + page[hi - base :]
                 new.append(self._encode_store(p, merged))
             return self._commit_locked(new)
-        finally:
-            for lock in reversed(locks):
-                lock.release()
 
     def _encode_store(self, p: int, page: bytes) -> Entry:
         kind, payload, csum = self.codec.encode(page)
@@ -541,19 +371,6 @@ class PageStore:
             return p, SAME, payload & U32, payload >> 32, 0
         assert isinstance(payload, bytes)
         return p, kind, self.allocator.store(payload), csum, len(payload)
-
-    def _commit(self, first: int, last: int, new: list[Entry]) -> list[tuple[int, int, int]]:
-        if first >> STRIPE_SHIFT == last >> STRIPE_SHIFT:
-            with self._locks[(first >> STRIPE_SHIFT) & STRIPE_MASK]:
-                return self._commit_locked(new)
-        locks = self._locks_for(first, last)
-        for lock in locks:
-            lock.acquire()
-        try:
-            return self._commit_locked(new)
-        finally:
-            for lock in reversed(locks):
-                lock.release()
 
     def _commit_locked(self, new: list[Entry]) -> list[tuple[int, int, int]]:
         """Point the table at the new entries; returns the old (state, handle, page) entries."""
@@ -586,7 +403,7 @@ class PageStore:
         discarded: int = 0,
     ) -> None:
         """Free replaced objects (no lock held) and account for the change."""
-        free = self._afree
+        free = self.allocator.free
         d_stored = d_same = d_huge = 0
         for st, h, _ in old:
             d_stored -= 1
@@ -627,10 +444,7 @@ class PageStore:
         edges = [p for p in {first, last} if not full_lo <= p < full_hi]
         new: list[Entry] = []
         old: list[tuple[int, int, int]] = []
-        locks = self._locks_for(first, last)
-        for lock in locks:
-            lock.acquire()
-        try:
+        with self._locked(first, last):
             try:
                 for p in sorted(edges):
                     if self._state[p] == EMPTY or (
@@ -649,9 +463,6 @@ class PageStore:
             old = self._commit_locked(new)
             if full_lo < full_hi:
                 old += self._clear_locked(full_lo, full_hi)
-        finally:
-            for lock in reversed(locks):
-                lock.release()
         self._release(old, added=new, discarded=max(0, full_hi - full_lo))
 
     def _clear_locked(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
@@ -787,27 +598,25 @@ class PageStore:
 
     def stats(self) -> StoreStats:
         pool = self.allocator.stats()
-        counts = self._stripe_counts
-        by_state = [sum(counts[k::4]) for k in range(4)]  # by_state[EMPTY] is meaningless
         cold = [p for p, c in enumerate(self._cold) if c]
         cold_pages = len(cold)
         cold_bytes = sum(self.allocator.size(self._handle[p]) for p in cold)
         with self._stat_lock:
-            stored = self._pages_stored + by_state[SAME] + by_state[COMPRESSED] + by_state[HUGE]
+            stored = self._pages_stored
             return StoreStats(
                 orig_data_size=stored << PAGE_SHIFT,
                 compr_data_size=pool.requested_bytes,  # the pool holds only our objects
                 mem_used_total=pool.pool_bytes,
                 mem_limit=self.mem_limit,
                 mem_used_max=pool.pool_bytes_max,
-                same_pages=self._same + by_state[SAME],
+                same_pages=self._same,
                 pages_compacted=pool.pages_compacted,
-                huge_pages=self._huge + by_state[HUGE],
+                huge_pages=self._huge,
                 failed_reads=self._failed_reads,
                 failed_writes=self._failed_writes,
                 checksum_errors=self._checksum_errors,
-                reads=self._reads + sum(self._stripe_reads),
-                writes=self._writes + sum(self._stripe_writes),
+                reads=self._reads,
+                writes=self._writes,
                 discards=self._discards,
                 pages_stored=stored,
                 npages=self.npages,
@@ -820,9 +629,3 @@ class PageStore:
     def metadata_bytes(self) -> int:
         """Bytes the page table occupies (the arrays' buffers, not the Python object headers)."""
         return TABLE_BYTES_PER_PAGE * self.npages
-
-
-def _encode_pages(c: codec.Codec, buf: bytes, start: int, stop: int) -> list[codec.Encoded]:
-    """Encode the pages of buf[start:stop] (pure; runs on a helper thread)."""
-    encode = c.encode
-    return [encode(buf[pos : pos + PAGE_SIZE]) for pos in range(start, stop, PAGE_SIZE)]
